@@ -1,0 +1,1 @@
+"""ControlNet training tool: a drop-in replacement for diffusers' ControlNet training examples."""

@@ -1,0 +1,369 @@
+"""Command-line flags: diffusers' names, defaults and meanings, grouped for ``--help``.
+
+The parser is built from shared groups plus an SDXL-only group, so the two entry points
+cannot drift apart. ``check_args`` holds every cross-flag rule as a pure function that
+raises one clear message naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from .errors import InputError
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+class ArgumentError(InputError):
+    """A flag or a combination of flags that cannot work; the message says how to fix it."""
+
+
+def _model_group(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id or local path of the base Stable Diffusion pipeline (diffusers format).",
+    )
+    group.add_argument(
+        "--controlnet_model_name_or_path",
+        type=str,
+        default=None,
+        help="ControlNet to start from. If absent, the ControlNet is built from the UNet's weights.",
+    )
+    group.add_argument("--revision", type=str, default=None, help="Revision of the base model to load.")
+    group.add_argument(
+        "--variant", type=str, default=None, help="Variant of the model files to load, e.g. fp16."
+    )
+    group.add_argument(
+        "--tokenizer_name",
+        type=str,
+        default=None,
+        help="Tokenizer to use instead of the base model's (for SDXL: a repo with tokenizer/ and "
+        "tokenizer_2/ subfolders).",
+    )
+    group.add_argument(
+        "--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored."
+    )
+
+
+def _output_group(parser: argparse.ArgumentParser, project_name: str) -> None:
+    group = parser.add_argument_group("output and logging")
+    group.add_argument(
+        "--output_dir",
+        type=str,
+        default="controlnet-model",
+        help="Where checkpoints, logs, validation images and the final model are written.",
+    )
+    group.add_argument(
+        "--logging_dir",
+        type=str,
+        default="logs",
+        help="TensorBoard log directory, relative to --output_dir.",
+    )
+    group.add_argument(
+        "--report_to",
+        type=str,
+        default="tensorboard",
+        help='Trackers: "tensorboard" (default), "wandb", "comet_ml" or "all". The metrics .jsonl '
+        "in --output_dir is always written.",
+    )
+    group.add_argument(
+        "--tracker_project_name",
+        type=str,
+        default=project_name,
+        help="Project name passed to the trackers.",
+    )
+    group.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
+    group.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Load the dataset, print the resolved training plan and exit without training.",
+    )
+
+
+def _schedule_group(parser: argparse.ArgumentParser, resolution: int) -> None:
+    group = parser.add_argument_group("training schedule and optimizer")
+    group.add_argument(
+        "--resolution",
+        type=int,
+        default=resolution,
+        help="Train images are resized and centre-cropped to this size (divisible by 8).",
+    )
+    group.add_argument("--train_batch_size", type=int, default=4, help="Batch size per device.")
+    group.add_argument("--num_train_epochs", type=int, default=1)
+    group.add_argument(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Total optimizer steps. If given, overrides --num_train_epochs.",
+    )
+    group.add_argument(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Micro-batches to accumulate before each optimizer step.",
+    )
+    group.add_argument("--learning_rate", type=float, default=5e-6, help="Initial learning rate.")
+    group.add_argument(
+        "--scale_lr",
+        action="store_true",
+        default=False,
+        help="Scale the learning rate by GPUs, accumulation steps and batch size.",
+    )
+    group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
+    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the schedule.")
+    group.add_argument(
+        "--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts."
+    )
+    group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    group.add_argument("--adam_beta1", type=float, default=0.9)
+    group.add_argument("--adam_beta2", type=float, default=0.999)
+    group.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    group.add_argument("--adam_epsilon", type=float, default=1e-08)
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    group.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR loss weighting gamma (5.0 is the paper's choice); off when absent.",
+    )
+
+
+def _checkpoint_group(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("checkpoints")
+    group.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save a resumable checkpoint-<step>/ every this many optimizer steps.",
+    )
+    group.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep only the newest N checkpoints (older ones are removed after a new one is complete).",
+    )
+    group.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='Resume from a checkpoint: its name in --output_dir, a path, or "latest".',
+    )
+
+
+def _speed_group(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("memory and speed")
+    group.add_argument("--gradient_checkpointing", action="store_true")
+    group.add_argument(
+        "--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW."
+    )
+    group.add_argument(
+        "--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs."
+    )
+    group.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Mixed precision; defaults to the accelerate config. Frozen models are stored in it.",
+    )
+    group.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers attention (PyTorch SDPA is the default and usually as fast).",
+    )
+    group.add_argument(
+        "--set_grads_to_none",
+        action="store_true",
+        help="Set gradients to None instead of zero after each step (saves memory).",
+    )
+    group.add_argument("--dataloader_num_workers", type=int, default=0)
+
+
+def _data_group(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Hub dataset id or local dataset directory (parquet, arrow, imagefolder).",
+    )
+    group.add_argument("--dataset_config_name", type=str, default=None)
+    group.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="A local folder with the training data, loaded with datasets.load_dataset.",
+    )
+    group.add_argument("--image_column", type=str, default="image")
+    group.add_argument("--conditioning_image_column", type=str, default="conditioning_image")
+    group.add_argument("--caption_column", type=str, default="text")
+    group.add_argument(
+        "--max_train_samples", type=int, default=None, help="Train on the first N samples only."
+    )
+    group.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0,
+        help="Fraction of captions replaced by the empty prompt, drawn afresh for every sample "
+        "at every step.",
+    )
+
+
+def _validation_group(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("validation")
+    group.add_argument(
+        "--validation_prompt",
+        type=str,
+        default=None,
+        nargs="+",
+        help="Prompts evaluated every --validation_steps; one prompt pairs with every image.",
+    )
+    group.add_argument(
+        "--validation_image",
+        type=str,
+        default=None,
+        nargs="+",
+        help="Conditioning image paths; one image pairs with every prompt.",
+    )
+    group.add_argument("--num_validation_images", type=int, default=4)
+    group.add_argument("--validation_steps", type=int, default=100)
+
+
+def _hub_group(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("hub")
+    group.add_argument("--push_to_hub", action="store_true")
+    group.add_argument("--hub_token", type=str, default=None)
+    group.add_argument("--hub_model_id", type=str, default=None)
+
+
+def _sdxl_group(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SDXL")
+    group.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE to use instead of the base model's, e.g. madebyollin/sdxl-vae-fp16-fix.",
+    )
+    group.add_argument(
+        "--crops_coords_top_left_h",
+        type=int,
+        default=None,
+        help="Crop top coordinate for the SDXL time ids; default: the crop actually made.",
+    )
+    group.add_argument(
+        "--crops_coords_top_left_w",
+        type=int,
+        default=None,
+        help="Crop left coordinate for the SDXL time ids; default: the crop actually made.",
+    )
+    group.add_argument(
+        "--image_interpolation_mode",
+        type=str,
+        default="lanczos",
+        choices=INTERPOLATION_MODES,
+        help="torchvision interpolation used to resize images.",
+    )
+    group.add_argument(
+        "--enable_npu_flash_attention", action="store_true", help="Use NPU flash attention."
+    )
+
+
+def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
+    """The one parser; ``sdxl`` adds the SDXL group and diffusers' SDXL defaults."""
+    parser = argparse.ArgumentParser(
+        description="Train a ControlNet for Stable Diffusion XL."
+        if sdxl
+        else "Train a ControlNet for Stable Diffusion 1.x/2.x."
+    )
+    _model_group(parser)
+    _output_group(parser, "sd_xl_train_controlnet" if sdxl else "train_controlnet")
+    _schedule_group(parser, 1024 if sdxl else 512)
+    _checkpoint_group(parser)
+    _speed_group(parser)
+    _data_group(parser)
+    _validation_group(parser)
+    _hub_group(parser)
+    if sdxl:
+        _sdxl_group(parser)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ArgumentError for flags that cannot work together; never modifies ``args``."""
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise ArgumentError(
+            "No training data: specify either `--dataset_name` (a hub id or a local dataset "
+            "directory) or `--train_data_dir` (a local folder)."
+        )
+    if args.dataset_name is not None and args.train_data_dir is not None:
+        raise ArgumentError("Specify only one of `--dataset_name` or `--train_data_dir`, not both.")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise ArgumentError(
+            f"`--proportion_empty_prompts` must be in the range [0, 1], got "
+            f"{args.proportion_empty_prompts}."
+        )
+    _check_validation_pairs(args.validation_prompt, args.validation_image)
+    if args.resolution % 8 != 0:
+        raise ArgumentError(
+            f"`--resolution` must be divisible by 8 for consistently sized encoded images between "
+            f"the VAE and the controlnet encoder; got {args.resolution}, try "
+            f"{max(8, args.resolution // 8 * 8)}."
+        )
+    _check_positive(args)
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        raise ArgumentError(
+            "You cannot use both --report_to=wandb and --hub_token due to a security risk of "
+            "exposing your token. Log in with `hf auth login` instead of passing --hub_token."
+        )
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise ArgumentError(f"`--snr_gamma` must be positive (5.0 is typical), got {args.snr_gamma}.")
+
+
+def _check_validation_pairs(prompts: Sequence[str] | None, images: Sequence[str] | None) -> None:
+    if prompts is not None and images is None:
+        raise ArgumentError("`--validation_image` must be set if `--validation_prompt` is set.")
+    if prompts is None and images is not None:
+        raise ArgumentError("`--validation_prompt` must be set if `--validation_image` is set.")
+    if prompts is not None and len(prompts) != 1 and len(images) != 1 and len(prompts) != len(images):
+        raise ArgumentError(
+            f"`--validation_image` must have either the same number of elements as "
+            f"`--validation_prompt` ({len(prompts)}), a single element, or "
+            f"`--validation_prompt` must have a single element; got {len(images)} images."
+        )
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    for name in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "validation_steps",
+        "num_train_epochs",
+        "num_validation_images",
+    ):
+        value = getattr(args, name)
+        if value < 1:
+            raise ArgumentError(f"`--{name}` must be at least 1, got {value}.")
+    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ArgumentError(f"`--{name}` must be at least 1 when given, got {value}.")
+
+
+def parse_args(argv: Sequence[str] | None = None, sdxl: bool = False) -> argparse.Namespace:
+    """Parse and check the flags of train_controlnet.py (or the SDXL script)."""
+    args = build_parser(sdxl).parse_args(argv)
+    check_args(args)
+    return args

@@ -1,0 +1,208 @@
+"""Training data: loading, column checks, paired transforms, batching and prompt choice.
+
+Workers only decode and transform (deterministic work). Every random choice about data,
+which caption of a list and whether it is dropped, is made in the training loop from the
+step's own generator, so it is drawn afresh every step, survives worker restarts and resumes
+exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from .errors import InputError
+
+
+class DataError(InputError):
+    """The dataset cannot be used as given; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Columns:
+    image: str
+    conditioning_image: str
+    caption: str
+
+
+def load_train_dataset(args: argparse.Namespace) -> datasets.Dataset:
+    """The ``train`` split named by --dataset_name or --train_data_dir, columns checked."""
+    source = args.dataset_name or args.train_data_dir
+    # Datasets 4+ never runs a dataset's own loading script, so no remote code is executed.
+    loaded = datasets.load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir)
+    if "train" not in loaded:
+        raise DataError(
+            f"Dataset {source!r} has no 'train' split (it has {sorted(loaded)}); put the training "
+            "rows in a split named train."
+        )
+    train = loaded["train"]
+    check_columns(train, columns_from_args(args))
+    if len(train) == 0:
+        raise DataError(f"Dataset {source!r} has no rows in its train split; add training data.")
+    return train
+
+
+def columns_from_args(args: argparse.Namespace) -> Columns:
+    return Columns(args.image_column, args.conditioning_image_column, args.caption_column)
+
+
+def check_columns(dataset: datasets.Dataset, columns: Columns) -> None:
+    """Fail before training if a column is missing or the captions are not text."""
+    names = dataset.column_names
+    for flag, name in (
+        ("--image_column", columns.image),
+        ("--conditioning_image_column", columns.conditioning_image),
+        ("--caption_column", columns.caption),
+    ):
+        if name not in names:
+            raise DataError(
+                f"`{flag}` value {name!r} is not a column of the dataset; its columns are "
+                f"{names}. Pass `{flag}=<one of those>`."
+            )
+    caption_feature = dataset.features[columns.caption]
+    if not _is_text_feature(caption_feature):
+        raise DataError(
+            f"Caption column `{columns.caption}` should contain either strings or lists of "
+            f"strings, but its type is {caption_feature}. Point `--caption_column` at the text."
+        )
+
+
+def _is_text_feature(feature: object) -> bool:
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("string", "large_string")
+    inner = getattr(feature, "feature", None)  # List / Sequence / LargeList
+    return isinstance(inner, datasets.Value) and inner.dtype in ("string", "large_string")
+
+
+def select_samples(dataset: datasets.Dataset, max_samples: int | None, seed: int) -> datasets.Dataset:
+    """--max_train_samples: a seeded random subset, as diffusers takes it."""
+    if max_samples is None or max_samples >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(max_samples))
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """RGB for any PIL mode: 16-bit is rescaled (not clipped), transparency is composited."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        canvas = Image.new("RGBA", image.size, background + (255,))
+        return Image.alpha_composite(canvas, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedTransform:
+    """Resize + centre crop applied identically to image and conditioning image.
+
+    Returns the crop actually made so SDXL's time ids can describe each image truly.
+    """
+
+    resolution: int
+    interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR
+
+    def __call__(self, image: Image.Image, conditioning: Image.Image) -> dict:
+        original_size = (image.height, image.width)
+        image = F.resize(F.to_image(image), self.resolution, interpolation=self.interpolation, antialias=True)
+        height, width = image.shape[-2:]
+        # The conditioning image follows the image's geometry exactly, even if it was stored at
+        # another size, so outlines stay on the edges they describe.
+        conditioning = F.resize(
+            F.to_image(conditioning), [height, width], interpolation=self.interpolation, antialias=True
+        )
+        top = int(round((height - self.resolution) / 2.0))
+        left = int(round((width - self.resolution) / 2.0))
+        image = F.crop(image, top, left, self.resolution, self.resolution)
+        conditioning = F.crop(conditioning, top, left, self.resolution, self.resolution)
+        return {
+            "pixel_values": F.to_dtype(image, torch.float32, scale=True) * 2.0 - 1.0,
+            "conditioning_pixel_values": F.to_dtype(conditioning, torch.float32, scale=True),
+            "original_size": original_size,
+            "crop_top_left": (top, left),
+        }
+
+
+class ControlNetDataset(torch.utils.data.Dataset):
+    """Rows of a datasets.Dataset as tensors; captions always come back as a list."""
+
+    def __init__(self, rows: datasets.Dataset, columns: Columns, transform: PairedTransform):
+        self.rows = rows
+        self.columns = columns
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows[index]
+        # Photos with transparency usually sit on white; control maps (edges, poses) on black.
+        image = to_rgb(_open(row[self.columns.image]), (255, 255, 255))
+        conditioning = to_rgb(_open(row[self.columns.conditioning_image]), (0, 0, 0))
+        caption = row[self.columns.caption]
+        sample = self.transform(image, conditioning)
+        sample["captions"] = [caption] if isinstance(caption, str) else list(caption)
+        sample["index"] = index
+        return sample
+
+
+def _open(value: object) -> Image.Image:
+    """An Image feature gives PIL images; a string column gives a path to open."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, str):
+        return Image.open(value)
+    if isinstance(value, dict) and value.get("path"):
+        return Image.open(value["path"])
+    raise DataError(f"Expected an image or an image path, got {type(value).__name__}.")
+
+
+def collate(samples: Sequence[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([s["pixel_values"] for s in samples]).contiguous(),
+        "conditioning_pixel_values": torch.stack(
+            [s["conditioning_pixel_values"] for s in samples]
+        ).contiguous(),
+        "original_size": torch.tensor([s["original_size"] for s in samples]),
+        "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples]),
+        "captions": [s["captions"] for s in samples],
+        "index": torch.tensor([s["index"] for s in samples]),
+    }
+
+
+def make_dataloader(
+    dataset: torch.utils.data.Dataset, *, batch_size: int, num_workers: int
+) -> torch.utils.data.DataLoader:
+    """Shuffled loader; Accelerate's seedable sampler makes its order a function of the epoch."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def choose_prompts(
+    captions: Sequence[Sequence[str]], proportion_empty: float, generator: torch.Generator
+) -> list[str]:
+    """One caption per sample (random among several), replaced by "" with the given chance."""
+    prompts = []
+    for options in captions:
+        pick = int(torch.randint(len(options), (1,), generator=generator)) if len(options) > 1 else 0
+        dropped = float(torch.rand((), generator=generator)) < proportion_empty
+        prompts.append("" if dropped else options[pick])
+    return prompts

@@ -1,0 +1,8 @@
+"""The one error type for bad input: the message names the problem and the fix."""
+
+
+class InputError(ValueError):
+    """Raised before (or instead of) training when the flags, data or models cannot work.
+
+    The entry scripts print it as one paragraph without a traceback and exit with status 2.
+    """

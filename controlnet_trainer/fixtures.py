@@ -1,0 +1,343 @@
+"""Tiny, offline, seed-deterministic Stable Diffusion assets for tests, the demo and benchmarks.
+
+Everything is built from random weights: a synthetic "fill" dataset in the style of
+fusing/fill50k, tiny SD 1.x / SDXL pipelines in diffusers format, and ControlNets made from
+their UNets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import datasets
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+# Named colours for circles and backgrounds; captions name them, so all are in the vocabulary.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 40),
+    "cyan": (40, 210, 220),
+    "magenta": (210, 40, 200),
+    "orange": (250, 140, 20),
+    "purple": (120, 40, 160),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+CAPTION_WORDS = ("circle", "with", "background")
+EXTRA_WORDS = ("a", "an", "the", "and", "of", "on", "in", "photo", "image", "small", "large", "square")
+BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
+MODEL_MAX_LENGTH = 77
+TEXT_HIDDEN_SIZE = 32
+LATENT_CHANNELS = 4
+OUTLINE_HALF_WIDTH = 1.0  # pixels either side of the circle's edge: a ~2px line
+CALIBRATION_SAMPLES = 64
+# exp(-20 / 2) ~ 4.5e-5: a near-deterministic posterior, as a trained VAE has.
+POSTERIOR_LOGVAR = -20.0
+
+
+class FillSample(NamedTuple):
+    image: Image.Image
+    conditioning_image: Image.Image
+    text: str
+
+
+def fill_sample(rng: np.random.Generator, size: int = 64) -> FillSample:
+    """One fill50k-style sample: a filled circle, its outline and a caption naming both colours."""
+    names = list(COLOURS)
+    circle_idx, background_idx = rng.choice(len(names), size=2, replace=False)
+    radius = rng.uniform(0.12, 0.35) * size
+    # Keep the outline fully inside the frame so every sample has a complete edge to learn.
+    margin = radius + OUTLINE_HALF_WIDTH + 1
+    cx, cy = rng.uniform(margin, size - margin, size=2)
+
+    # One distance map drives both images, so the outline sits exactly on the circle's edge.
+    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    distance = np.hypot(xs - cx, ys - cy)
+    image = np.empty((size, size, 3), dtype=np.uint8)
+    image[:] = COLOURS[names[background_idx]]
+    image[distance <= radius] = COLOURS[names[circle_idx]]
+    outline = np.zeros((size, size, 3), dtype=np.uint8)
+    outline[np.abs(distance - radius) <= OUTLINE_HALF_WIDTH] = 255
+
+    text = f"{names[circle_idx]} circle with {names[background_idx]} background"
+    return FillSample(Image.fromarray(image), Image.fromarray(outline), text)
+
+
+def build_fill_dataset(path: str | Path, num_rows: int = 200, size: int = 64, seed: int = 0) -> Path:
+    """Write a parquet dataset that `datasets.load_dataset(str(path))["train"]` loads."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    samples = [fill_sample(rng, size) for _ in range(num_rows)]
+    features = datasets.Features(
+        {"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")}
+    )
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image": [s.image for s in samples],
+            "conditioning_image": [s.conditioning_image for s in samples],
+            "text": [s.text for s in samples],
+        },
+        features=features,
+    )
+    # No README.md with `configs:`: datasets would cache by folder name and serve stale rows.
+    out_file = path / "data" / "train-00000-of-00001.parquet"
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    dataset.to_parquet(str(out_file))
+    return path
+
+
+def write_validation_images(path: str | Path, count: int = 2, size: int = 64, seed: int = 1000) -> list[Path]:
+    """Conditioning images (outlines) and their captions, from a seed the dataset does not use."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = []
+    for index in range(count):
+        sample = fill_sample(rng, size)
+        image_path = path / f"conditioning_{index}.png"
+        sample.conditioning_image.save(image_path)
+        image_path.with_suffix(".txt").write_text(sample.text)
+        written.append(image_path)
+    return written
+
+
+def _byte_characters() -> list[str]:
+    """CLIP/GPT-2 byte-level alphabet: printable bytes map to themselves, the rest to U+0100 onwards."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(shifted)) for b in range(256)]
+
+
+def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Tokenise one word the way BPE does: repeatedly merge the best-ranked adjacent pair."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = [*symbols[:i], symbols[i] + symbols[i + 1], *symbols[i + 2 :]]
+    return symbols
+
+
+def _bpe_vocabulary(words: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges that encode each (ASCII) word as one "word</w>" token."""
+    alphabet = _byte_characters()
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet)]
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        # Merges are only ever appended, i.e. at the lowest priority, so they never change
+        # how an earlier word tokenises; keep adding until this word is a single token.
+        while len(pieces := _apply_merges([*word[:-1], word[-1] + "</w>"], ranks)) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            tokens.append(pair[0] + pair[1])
+    # Two merge paths can build the same string; ids must stay contiguous.
+    tokens = list(dict.fromkeys([*tokens, BOS_TOKEN, EOS_TOKEN]))
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def _write_tokenizer(directory: Path, pad_token: str) -> CLIPTokenizer:
+    """Write vocab.json/merges.txt/tokenizer_config.json as real SD repos have, then load them."""
+    words = sorted({*COLOURS, *CAPTION_WORDS, *EXTRA_WORDS})
+    vocab, merges = _bpe_vocabulary(words)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        # Without model_max_length, padding="max_length" has no length to pad to.
+        "model_max_length": MODEL_MAX_LENGTH,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        "pad_token": pad_token,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    # CLIPTokenizer(vocab_file=...) silently ignores the files in transformers 5; from_pretrained reads them.
+    return CLIPTokenizer.from_pretrained(str(directory))
+
+
+def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN_SIZE,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        projection_dim=TEXT_HIDDEN_SIZE,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _calibration_batch(size: int = 64) -> torch.Tensor:
+    """Fill images in [-1, 1]; a fixed seed so the scaling factor depends only on the VAE weights."""
+    rng = np.random.default_rng(12345)
+    images = np.stack([np.asarray(fill_sample(rng, size).image) for _ in range(CALIBRATION_SAMPLES)])
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def _build_vae() -> AutoencoderKL:
+    """An 8x-downsampling VAE whose latents carry the image, not sampling noise, at unit scale."""
+    # Four blocks: each but the last halves the resolution, giving 64 px -> 8x8 latents.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    # A random VAE predicts std ~1 against means spread ~0.25; pin the log-variance half instead.
+    vae.quant_conv.weight[LATENT_CHANNELS:] = 0.0
+    vae.quant_conv.bias[LATENT_CHANNELS:] = POSTERIOR_LOGVAR
+
+    posterior = vae.encode(_calibration_batch()).latent_dist
+    spread = posterior.mean.std().item()
+    between_images = posterior.mean.std(dim=0).mean().item()
+    if between_images < 0.1 * spread:
+        raise RuntimeError("VAE latents do not depend on the input image")
+    # Real SD VAEs scale latents to unit std; training and sampling assume that.
+    vae.register_to_config(scaling_factor=1.0 / spread)
+    logger.info("VAE scaling_factor=%.4f, posterior std=%.2e", 1.0 / spread, posterior.std.max().item())
+    return vae
+
+
+def _unet(**extra) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=8,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+        **extra,
+    )
+
+
+def _scheduler_betas() -> dict:
+    return {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+def build_tiny_sd(path: str | Path, seed: int = 0, *, prediction_type: str = "epsilon") -> Path:
+    """A tiny SD 1.x pipeline (or SD 2.x-like with prediction_type="v_prediction")."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = _write_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
+    # DDPMScheduler has no set_alpha_to_one (a DDIM/PNDM option); the rest matches SD 1.x.
+    scheduler = DDPMScheduler(**_scheduler_betas(), prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    pipeline = StableDiffusionPipeline(
+        vae=_build_vae(),
+        text_encoder=CLIPTextModel(_text_config(tokenizer)),
+        tokenizer=tokenizer,
+        unet=_unet(cross_attention_dim=TEXT_HIDDEN_SIZE),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+def build_tiny_sdxl(path: str | Path, seed: int = 0, *, prediction_type: str = "epsilon") -> Path:
+    """A tiny SDXL pipeline: two text encoders and a UNet with text_time added conditioning."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = _write_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
+    tokenizer_2 = _write_tokenizer(path / "tokenizer_2", pad_token="!")  # as real SDXL pads its second one
+    time_embed_dim = 8
+    unet = _unet(
+        # Penultimate hidden states of both encoders are concatenated: 32 + 32.
+        cross_attention_dim=2 * TEXT_HIDDEN_SIZE,
+        transformer_layers_per_block=1,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # Pooled text embeds plus six size/crop time ids, each embedded to time_embed_dim.
+        projection_class_embeddings_input_dim=TEXT_HIDDEN_SIZE + 6 * time_embed_dim,
+    )
+    scheduler = EulerDiscreteScheduler(
+        **_scheduler_betas(), prediction_type=prediction_type, steps_offset=1, timestep_spacing="leading"
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=_build_vae(),
+        text_encoder=CLIPTextModel(_text_config(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+def build_tiny_controlnet(pipeline_dir: str | Path, path: str | Path) -> Path:
+    """A ControlNet initialised from a pipeline's UNet (SD or SDXL)."""
+    unet = UNet2DConditionModel.from_pretrained(str(pipeline_dir), subfolder="unet")
+    ControlNetModel.from_unet(unet).save_pretrained(str(path))
+    return Path(path)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Build tiny offline Stable Diffusion test assets.")
+    parser.add_argument("--output_dir", type=Path, required=True)
+    parser.add_argument("--num_rows", type=int, default=200)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sdxl", action="store_true", help="also build a tiny SDXL pipeline and ControlNet")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse_args(argv)
+    out = args.output_dir
+    written = [
+        build_fill_dataset(out / "fill", num_rows=args.num_rows, size=args.size, seed=args.seed),
+        build_tiny_sd(out / "tiny-sd", seed=args.seed),
+        build_tiny_controlnet(out / "tiny-sd", out / "tiny-controlnet"),
+        *write_validation_images(out / "validation", size=args.size),
+    ]
+    if args.sdxl:
+        written.append(build_tiny_sdxl(out / "tiny-sdxl", seed=args.seed))
+        written.append(build_tiny_controlnet(out / "tiny-sdxl", out / "tiny-controlnet-sdxl"))
+    for item in written:
+        print(f"wrote {item}")
+
+
+if __name__ == "__main__":
+    main()

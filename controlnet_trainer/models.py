@@ -1,0 +1,200 @@
+"""Loading the frozen base models and the trainable ControlNet, and their memory options."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import logging
+import os
+
+import torch
+import transformers
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+from .errors import InputError
+from .family import ModelFamily
+
+logger = logging.getLogger(__name__)
+
+_TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
+class ModelError(InputError):
+    """A model path or combination of models that cannot work; the message says the fix."""
+
+
+@dataclasses.dataclass
+class Models:
+    tokenizers: tuple
+    text_encoders: tuple
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    controlnet: ControlNetModel
+    noise_scheduler: DDPMScheduler
+
+    def frozen(self) -> tuple[torch.nn.Module, ...]:
+        return (*self.text_encoders, self.vae, self.unet)
+
+
+def load_models(args: argparse.Namespace, family: ModelFamily) -> Models:
+    """Tokenizers, text encoders, VAE, UNet, scheduler and the ControlNet to train."""
+    base = args.pretrained_model_name_or_path
+    _check_local_path(base, "--pretrained_model_name_or_path")
+    common = {"revision": args.revision, "cache_dir": args.cache_dir}
+    tokenizers = tuple(_load_tokenizer(args, family, sub) for sub, _ in family.text_components)
+    text_encoders = tuple(
+        _load_text_encoder(base, sub, variant=args.variant, **common) for _, sub in family.text_components
+    )
+    vae_path = getattr(args, "pretrained_vae_model_name_or_path", None)
+    if vae_path:
+        _check_local_path(vae_path, "--pretrained_vae_model_name_or_path")
+        vae = AutoencoderKL.from_pretrained(vae_path, **common)
+    else:
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **common)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **common)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **common)
+    return Models(tokenizers, text_encoders, vae, unet, _load_controlnet(args, unet), noise_scheduler)
+
+
+def _check_local_path(path: str, flag: str) -> None:
+    """A value that can only be a local path and does not exist fails before any download.
+
+    Hub ids have the form ``org/name``; anything starting with ``.``, ``/`` or ``~`` or with
+    more than one ``/`` is a path.
+    """
+    if os.path.exists(os.path.expanduser(path)):
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ModelError(f"`{flag}` points to {path!r}, which does not exist. Check the path.")
+
+
+def _load_tokenizer(args: argparse.Namespace, family: ModelFamily, subfolder: str):
+    if args.tokenizer_name and len(family.text_components) == 1:
+        source, subfolder = args.tokenizer_name, None
+    else:  # SDXL's --tokenizer_name names a repo holding tokenizer/ and tokenizer_2/
+        source = args.tokenizer_name or args.pretrained_model_name_or_path
+    return transformers.AutoTokenizer.from_pretrained(
+        source, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir, use_fast=False
+    )
+
+
+def _load_text_encoder(base: str, subfolder: str, **kwargs) -> torch.nn.Module:
+    config = transformers.AutoConfig.from_pretrained(
+        base, subfolder=subfolder, revision=kwargs["revision"], cache_dir=kwargs["cache_dir"]
+    )
+    name = (config.architectures or ["CLIPTextModel"])[0]
+    if name not in _TEXT_ENCODER_CLASSES:
+        raise ModelError(
+            f"Text encoder class {name} in {base}/{subfolder} is not supported; this trainer "
+            f"supports {', '.join(_TEXT_ENCODER_CLASSES)}."
+        )
+    return getattr(transformers, name).from_pretrained(base, subfolder=subfolder, **kwargs)
+
+
+def _load_controlnet(args: argparse.Namespace, unet: UNet2DConditionModel) -> ControlNetModel:
+    if not args.controlnet_model_name_or_path:
+        logger.info("Initializing the ControlNet from the UNet's weights")
+        return ControlNetModel.from_unet(unet)
+    _check_local_path(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path")
+    logger.info("Loading the ControlNet from %s", args.controlnet_model_name_or_path)
+    controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+    check_controlnet_matches_unet(controlnet, unet)
+    return controlnet
+
+
+def check_controlnet_matches_unet(controlnet: ControlNetModel, unet: UNet2DConditionModel) -> None:
+    """A ControlNet made for another base model fails here instead of mid-step."""
+    keys = ("block_out_channels", "cross_attention_dim", "in_channels", "addition_embed_type")
+    mismatched = [
+        f"{key}: ControlNet {controlnet.config.get(key)} vs UNet {unet.config.get(key)}"
+        for key in keys
+        if _normalise(controlnet.config.get(key)) != _normalise(unet.config.get(key))
+    ]
+    if mismatched:
+        raise ModelError(
+            "The ControlNet does not match the UNet of the base model ("
+            + "; ".join(mismatched)
+            + "). Use a ControlNet trained for this base model, or omit "
+            "--controlnet_model_name_or_path to build one from the UNet."
+        )
+
+
+def _normalise(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def freeze_and_place(
+    models: Models,
+    family: ModelFamily,
+    *,
+    device: torch.device,
+    weight_dtype: torch.dtype,
+    custom_vae: bool,
+) -> None:
+    """Frozen models go to the device in the mixed-precision dtype; the ControlNet stays fp32."""
+    for module in models.frozen():
+        module.requires_grad_(False)
+        module.eval()
+    models.controlnet.train()
+    vae_dtype = torch.float32 if family.vae_fp32_by_default and not custom_vae else weight_dtype
+    models.vae.to(device, dtype=vae_dtype)
+    models.unet.to(device, dtype=weight_dtype)
+    for encoder in models.text_encoders:
+        encoder.to(device, dtype=weight_dtype)
+
+
+def enable_memory_options(args: argparse.Namespace, models: Models, device: torch.device) -> None:
+    """Gradient checkpointing and the optional attention back-ends, with clear errors."""
+    if args.gradient_checkpointing:
+        # The frozen UNet's activations are kept for the backward pass into the ControlNet
+        # residuals too, so checkpointing it saves as much memory as the ControlNet's.
+        models.controlnet.enable_gradient_checkpointing()
+        models.unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        check_xformers(device)
+        models.unet.enable_xformers_memory_efficient_attention()
+        models.controlnet.enable_xformers_memory_efficient_attention()
+    if getattr(args, "enable_npu_flash_attention", False):
+        if importlib.util.find_spec("torch_npu") is None:
+            raise ModelError(
+                "--enable_npu_flash_attention needs an Ascend NPU and the torch_npu package, "
+                "which is not installed. Drop the flag (PyTorch SDPA attention is the default)."
+            )
+        models.unet.enable_npu_flash_attention()
+        models.controlnet.enable_npu_flash_attention()
+
+
+def check_xformers(device: torch.device) -> None:
+    if importlib.util.find_spec("xformers") is None:
+        raise ModelError(
+            "--enable_xformers_memory_efficient_attention needs xformers, which is not installed. "
+            "Install it (`pip install xformers`) or drop the flag: PyTorch SDPA attention is the "
+            "default and is as memory-efficient on recent PyTorch."
+        )
+    if device.type != "cuda":
+        raise ModelError(
+            f"--enable_xformers_memory_efficient_attention needs a CUDA GPU, but training runs on "
+            f"{device.type}. Drop the flag."
+        )
+
+
+def make_optimizer(args: argparse.Namespace, params, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW."""
+    hyper = {
+        "lr": learning_rate,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "weight_decay": args.adam_weight_decay,
+        "eps": args.adam_epsilon,
+    }
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ModelError(
+                "--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or drop the flag."
+            ) from error
+        return bnb.optim.AdamW8bit(params, **hyper)
+    params = list(params)
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, fused=fused or None, **hyper)

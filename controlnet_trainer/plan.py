@@ -1,0 +1,65 @@
+"""The numbers derived from the flags, computed once and never changed afterwards."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+import torch
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPlan:
+    """What the run will do; logged beside the raw arguments and saved in the output dir."""
+
+    num_samples: int
+    num_processes: int
+    batches_per_epoch: int  # micro-batches each process sees per epoch
+    steps_per_epoch: int  # optimizer steps per epoch
+    max_train_steps: int
+    num_train_epochs: int
+    total_batch_size: int
+    learning_rate: float
+    mixed_precision: str
+    seed: int
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """dtype of the frozen models; the ControlNet keeps fp32 master weights."""
+        return _DTYPES[self.mixed_precision]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"weight_dtype": str(self.weight_dtype)}
+
+
+def make_plan(
+    args: argparse.Namespace,
+    *,
+    num_samples: int,
+    num_processes: int,
+    mixed_precision: str,
+    seed: int,
+) -> TrainPlan:
+    """Derive steps, epochs, batch and learning rate the way diffusers' script does."""
+    batches_per_epoch = math.ceil(num_samples / (args.train_batch_size * num_processes))
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= total_batch_size
+    return TrainPlan(
+        num_samples=num_samples,
+        num_processes=num_processes,
+        batches_per_epoch=batches_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        max_train_steps=max_train_steps,
+        num_train_epochs=math.ceil(max_train_steps / steps_per_epoch),
+        total_batch_size=total_batch_size,
+        learning_rate=learning_rate,
+        mixed_precision=mixed_precision or "no",
+        seed=seed,
+    )

@@ -1,0 +1,77 @@
+"""What the run directory says about itself: resolved options, the plan, and metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from .plan import TrainPlan
+
+OPTIONS_FILE = "training_options.json"
+METRICS_FILE = "metrics.jsonl"
+_SECRET_FLAGS = ("hub_token",)
+
+
+def public_args(args: argparse.Namespace) -> dict:
+    """The arguments with secrets masked, safe to log, save and send to trackers."""
+    values = dict(vars(args))
+    for name in _SECRET_FLAGS:
+        if values.get(name) is not None:
+            values[name] = "***"
+    return values
+
+
+def write_options(output_dir: Path, args: argparse.Namespace, plan: TrainPlan, family: str) -> Path:
+    path = output_dir / OPTIONS_FILE
+    document = {"family": family, "arguments": public_args(args), "plan": plan.to_json()}
+    path.write_text(json.dumps(document, indent=2, default=str))
+    return path
+
+
+def tracker_config(args: argparse.Namespace, plan: TrainPlan) -> dict:
+    """Trackers take scalars only (TensorBoard's hparams rejects lists and None)."""
+    flat = {}
+    for key, value in public_args(args).items():
+        if isinstance(value, (list, tuple)):
+            value = ", ".join(map(str, value))
+        flat[key] = "" if value is None else value
+    flat.update({f"plan/{k}": v for k, v in plan.to_json().items()})
+    return flat
+
+
+class MetricsLog:
+    """Logs to Accelerate's trackers and mirrors every record to ``metrics.jsonl``."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: Path):
+        self.accelerator = accelerator
+        self.path = output_dir / METRICS_FILE
+
+    def log(self, values: dict, step: int) -> None:
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            record = {"step": step} | {k: _plain(v) for k, v in values.items()}
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def drop_after(self, step: int) -> None:
+        """On resume, forget records of steps that the checkpoint does not contain."""
+        kept = [r for r in read_metrics(self.path.parent) if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _plain(value):
+    value = value.item() if hasattr(value, "item") else value
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    path = output_dir / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,319 @@
+"""The training run: set up, loop over optimizer steps, checkpoint, validate, save."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from . import checkpointing, data, hub, tracking, validation
+from .checkpointing import TrainingProgress
+from .errors import InputError
+from .family import ModelFamily, TextConditioning, crop_override_from_args, unet_added_conditioning
+from .loss import diffusion_loss, sample_noise_and_timesteps
+from .models import Models, enable_memory_options, freeze_and_place, load_models, make_optimizer
+from .plan import TrainPlan, make_plan
+from .preemption import stop_on_signals
+
+logger = get_logger(__name__)
+
+
+class TrainingError(InputError):
+    """Training cannot go on; the message says why and what was kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    output_dir: Path
+    global_step: int
+    stopped_early: bool = False
+
+
+def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
+    """Train a ControlNet as the flags say; returns where it ended."""
+    output_dir = Path(args.output_dir)
+    resume_path = checkpointing.resolve_resume(output_dir, args.resume_from_checkpoint)
+    if resume_path is None:
+        check_output_dir_is_free(output_dir)
+    validation.check_validation_images(args.validation_image)
+    accelerator = make_accelerator(args, output_dir)
+    seed = agree_on_seed(accelerator, args.seed, resume_path)
+    set_seed(seed)  # also seeds Accelerate's sampler, so data order is a function of the epoch
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    with accelerator.main_process_first():
+        rows = data.select_samples(data.load_train_dataset(args), args.max_train_samples, seed)
+    plan = make_plan(
+        args,
+        num_samples=len(rows),
+        num_processes=accelerator.num_processes,
+        mixed_precision=accelerator.mixed_precision,
+        seed=seed,
+    )
+    if args.dry_run:
+        print(json.dumps({"family": family.name, "plan": plan.to_json()}, indent=2))
+        return RunResult(output_dir, 0)
+
+    models = load_models(args, family)
+    freeze_and_place(
+        models,
+        family,
+        device=accelerator.device,
+        weight_dtype=plan.weight_dtype,
+        custom_vae=bool(getattr(args, "pretrained_vae_model_name_or_path", None)),
+    )
+    enable_memory_options(args, models, accelerator.device)
+    dataset = data.ControlNetDataset(rows, data.columns_from_args(args), make_transform(args))
+    loader = data.make_dataloader(
+        dataset, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers
+    )
+    optimizer = make_optimizer(args, models.controlnet.parameters(), plan.learning_rate)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        # The prepared scheduler steps once per process per optimizer step.
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=plan.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+    checkpointing.register_model_hooks(accelerator)
+    models.controlnet, optimizer, loader, lr_scheduler = accelerator.prepare(
+        models.controlnet, optimizer, loader, lr_scheduler
+    )
+
+    metrics = tracking.MetricsLog(accelerator, output_dir)
+    progress = TrainingProgress(seed=seed)
+    if resume_path is not None:
+        progress = checkpointing.load_checkpoint(accelerator, resume_path)
+        if accelerator.is_main_process:
+            metrics.drop_after(progress.global_step)
+    if accelerator.is_main_process:
+        tracking.write_options(output_dir, args, plan, family.name)
+    accelerator.init_trackers(args.tracker_project_name, config=tracking.tracker_config(args, plan))
+    log_plan(accelerator, plan, progress)
+
+    with stop_on_signals() as stop:
+        progress, stopped = train_loop(
+            accelerator, args, family, models, plan, loader, optimizer, lr_scheduler, progress, metrics, stop
+        )
+    if not stopped:
+        finish(accelerator, args, family, models, plan)
+    accelerator.end_training()
+    return RunResult(output_dir, progress.global_step, stopped)
+
+
+def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in ("none", "") else args.report_to,
+        project_config=project,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    return accelerator
+
+
+def check_output_dir_is_free(output_dir: Path) -> None:
+    """Refuse to mix a new run with another run's checkpoints (rotation would delete them)."""
+    found = checkpointing.list_checkpoints(output_dir)
+    if found:
+        raise checkpointing.CheckpointError(
+            f"--output_dir {output_dir} already holds checkpoints of another run "
+            f"({', '.join(p.name for p in found)}). To continue that run add "
+            "--resume_from_checkpoint=latest; to start a new one choose another --output_dir."
+        )
+
+
+def agree_on_seed(accelerator: Accelerator, seed: int | None, resume_path: Path | None) -> int:
+    """The run's seed: the flag, else the resumed run's, else one drawn and shared by all ranks."""
+    if resume_path is not None:
+        saved = TrainingProgress.load(resume_path).seed
+        if seed is not None and seed != saved:
+            logger.warning("--seed=%d differs from the checkpoint's seed %d; using the checkpoint's", seed, saved)
+        return saved
+    if seed is not None:
+        return seed
+    drawn = [random.SystemRandom().randrange(2**31)]
+    return int(broadcast_object_list(drawn)[0])
+
+
+def make_transform(args: argparse.Namespace) -> data.PairedTransform:
+    mode = getattr(args, "image_interpolation_mode", "bilinear")
+    return data.PairedTransform(args.resolution, data.v2.InterpolationMode[mode.upper()])
+
+
+def step_generators(seed: int, rank: int, epoch: int, batch: int, device: torch.device):
+    """Generators for one micro-batch, a pure function of where training is.
+
+    Noise, timesteps, VAE sampling and prompt choice therefore do not depend on how the run
+    got here, which is what makes resume exact.
+    """
+    words = np.random.SeedSequence([seed, rank, epoch, batch]).generate_state(2, dtype=np.uint64)
+    cpu = torch.Generator().manual_seed(int(words[0]))
+    on_device = torch.Generator(device=device).manual_seed(int(words[1]))
+    return cpu, on_device
+
+
+def encode_batch(
+    batch: dict, models: Models, family: ModelFamily, args, plan: TrainPlan, generators
+) -> tuple[torch.Tensor, TextConditioning]:
+    """Latents and prompt embeddings of a batch, from the frozen models."""
+    cpu_generator, device_generator = generators
+    prompts = data.choose_prompts(batch["captions"], args.proportion_empty_prompts, cpu_generator)
+    with torch.no_grad():
+        pixels = batch["pixel_values"].to(models.vae.device, models.vae.dtype, non_blocking=True)
+        posterior = models.vae.encode(pixels).latent_dist
+        latents = posterior.sample(generator=device_generator) * models.vae.config.scaling_factor
+        text = family.encode(models.tokenizers, models.text_encoders, prompts)
+    return latents.to(plan.weight_dtype), text
+
+
+def micro_batch_loss(batch, models, family, args, plan, generators) -> torch.Tensor:
+    latents, text = encode_batch(batch, models, family, args, plan, generators)
+    noise, timesteps = sample_noise_and_timesteps(
+        latents, models.noise_scheduler.config.num_train_timesteps, generators[1]
+    )
+    return diffusion_loss(
+        unet=models.unet,
+        controlnet=models.controlnet,
+        noise_scheduler=models.noise_scheduler,
+        latents=latents,
+        noise=noise,
+        timesteps=timesteps,
+        encoder_hidden_states=text.encoder_hidden_states,
+        controlnet_image=batch["conditioning_pixel_values"].to(latents.device, plan.weight_dtype),
+        added_cond_kwargs=unet_added_conditioning(
+            family, text, batch, resolution=args.resolution, crop_override=crop_override_from_args(args)
+        ),
+        weight_dtype=plan.weight_dtype,
+        snr_gamma=args.snr_gamma,
+    )
+
+
+def train_loop(
+    accelerator, args, family, models, plan, loader, optimizer, lr_scheduler, progress, metrics, stop
+) -> tuple[TrainingProgress, bool]:
+    """Optimizer steps until max_train_steps or a stop signal; returns (progress, stopped)."""
+    output_dir = Path(args.output_dir)
+    bar = tqdm(
+        total=plan.max_train_steps,
+        initial=progress.global_step,
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    losses: list[torch.Tensor] = []
+    for epoch in range(progress.epoch, plan.num_train_epochs):
+        if progress.global_step >= plan.max_train_steps:
+            break
+        loader.set_epoch(epoch)
+        skip = progress.batch_in_epoch if epoch == progress.epoch else 0
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for index, batch in enumerate(batches, start=skip):
+            generators = step_generators(plan.seed, accelerator.process_index, epoch, index, accelerator.device)
+            with accelerator.accumulate(models.controlnet):
+                loss = micro_batch_loss(batch, models, family, args, plan, generators)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(models.controlnet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none)
+            losses.append(loss.detach())
+            if not accelerator.sync_gradients:
+                continue
+            progress = advance(progress, epoch, index + 1, len(loader))
+            step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            losses = []
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+            bar.update(1)
+            bar.set_postfix(**logs)
+            metrics.log(logs, step=progress.global_step)
+            if not math.isfinite(step_loss):
+                raise TrainingError(non_finite_message(step_loss, progress.global_step, output_dir))
+            last_step = progress.global_step >= plan.max_train_steps
+            stopping = stop.agreed(accelerator) and not last_step
+            if progress.global_step % args.checkpointing_steps == 0 or stopping:
+                path = checkpointing.save_checkpoint(accelerator, output_dir, progress, args.checkpoints_total_limit)
+                if stopping:
+                    logger.warning(
+                        "Stopped by %s at step %d; saved %s. Run the same command with "
+                        "--resume_from_checkpoint=latest to continue.",
+                        stop.signal_name or "a signal on another rank",
+                        progress.global_step,
+                        path,
+                    )
+                    return progress, True
+            if progress.global_step % args.validation_steps == 0 or last_step:
+                validation.run_validation(
+                    accelerator=accelerator,
+                    family=family,
+                    models=models,
+                    args=args,
+                    weight_dtype=plan.weight_dtype,
+                    step=progress.global_step,
+                    seed=plan.seed,
+                )
+            if last_step:
+                break
+    bar.close()
+    return progress, False
+
+
+def advance(progress: TrainingProgress, epoch: int, batches_done: int, batches_per_epoch: int) -> TrainingProgress:
+    """Progress after an optimizer step that ended at micro-batch ``batches_done`` of ``epoch``."""
+    if batches_done >= batches_per_epoch:
+        epoch, batches_done = epoch + 1, 0
+    return dataclasses.replace(
+        progress, global_step=progress.global_step + 1, epoch=epoch, batch_in_epoch=batches_done
+    )
+
+
+def non_finite_message(loss: float, step: int, output_dir: Path) -> str:
+    kept = checkpointing.list_checkpoints(output_dir)
+    where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was saved yet"
+    return (
+        f"The loss became {loss} at step {step}; stopping without saving this state ({where}). "
+        "Lower --learning_rate, use bf16 instead of fp16, or set --max_grad_norm, then resume "
+        "with --resume_from_checkpoint=latest."
+    )
+
+
+def log_plan(accelerator: Accelerator, plan: TrainPlan, progress: TrainingProgress) -> None:
+    logger.info("***** Running training *****")
+    logger.info("  Num examples = %d", plan.num_samples)
+    logger.info("  Num epochs = %d", plan.num_train_epochs)
+    logger.info("  Total train batch size (parallel, distributed & accumulation) = %d", plan.total_batch_size)
+    logger.info("  Total optimization steps = %d", plan.max_train_steps)
+    if progress.global_step:
+        logger.info("  Resuming at step %d (epoch %d, batch %d)", progress.global_step, progress.epoch, progress.batch_in_epoch)
+
+
+def finish(accelerator, args, family, models, plan) -> None:
+    """Final weights at the output root, the model card, and the optional upload."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    output_dir = Path(args.output_dir)
+    hub.save_final_model(accelerator.unwrap_model(models.controlnet), output_dir)
+    hub.write_model_card(output_dir, args, plan, family.name)
+    if args.push_to_hub:
+        hub.push_to_hub(output_dir, args)
+    logger.info("Saved the ControlNet to %s", output_dir)

@@ -1,0 +1,156 @@
+"""Validation images: the ControlNet pipeline with the current weights, on any device."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers import UniPCMultistepScheduler
+from PIL import Image
+
+from .data import to_rgb
+from .errors import InputError
+from .family import ModelFamily
+from .models import Models
+
+logger = logging.getLogger(__name__)
+
+VALIDATION_DIR = "validation"
+
+
+def validation_pairs(prompts: Sequence[str], images: Sequence[str]) -> list[tuple[str, str]]:
+    """Pair prompts with images; a single one of either pairs with all of the other."""
+    if len(prompts) == len(images):
+        return list(zip(prompts, images))
+    if len(images) == 1:
+        return [(prompt, images[0]) for prompt in prompts]
+    return [(prompts[0], image) for image in images]
+
+
+def check_validation_images(paths: Sequence[str] | None) -> None:
+    """Missing or unreadable validation images fail before training, not at the first round."""
+    for path in paths or ():
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, SyntaxError) as error:
+            raise InputError(
+                f"--validation_image {path!r} cannot be read as an image ({error}). Fix the path "
+                "or leave the image out."
+            ) from error
+
+
+def build_pipeline(family: ModelFamily, models: Models, controlnet, device: torch.device):
+    """The family's ControlNet pipeline around the models already in memory (no reload)."""
+    components = {"vae": models.vae, "unet": models.unet, "controlnet": controlnet}
+    for (tok_name, enc_name), tokenizer, encoder in zip(
+        family.text_components, models.tokenizers, models.text_encoders, strict=True
+    ):
+        components[tok_name] = tokenizer
+        components[enc_name] = encoder
+    components["scheduler"] = UniPCMultistepScheduler.from_config(models.noise_scheduler.config)
+    pipeline = family.pipeline_class(**components, **dict(family.pipeline_extras))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def generate(
+    pipeline,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    num_images: int,
+    resolution: int,
+    seed: int,
+    weight_dtype: torch.dtype,
+    num_inference_steps: int = 20,
+) -> list[dict]:
+    """For each (prompt, image path): the conditioning image and ``num_images`` generations."""
+    device = pipeline.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    # Mixed precision needs autocast for the fp32 ControlNet beside half-precision frozen
+    # models; it is the device's own autocast, never a hard-coded CUDA one.
+    autocast = (
+        torch.autocast(device.type, dtype=weight_dtype)
+        if weight_dtype != torch.float32
+        else contextlib.nullcontext()
+    )
+    results = []
+    for prompt, image_path in pairs:
+        conditioning = to_rgb(Image.open(image_path), (0, 0, 0)).resize((resolution, resolution))
+        with autocast, torch.no_grad():
+            images = pipeline(
+                [prompt] * num_images,
+                image=conditioning,
+                num_inference_steps=num_inference_steps,
+                generator=generator,
+                height=resolution,
+                width=resolution,
+            ).images
+        results.append({"prompt": prompt, "conditioning": conditioning, "images": images})
+    return results
+
+
+def save_grid(results: Sequence[dict], path: Path) -> Path:
+    """One row per pair: the conditioning image, then the generated images."""
+    rows = [[r["conditioning"], *r["images"]] for r in results]
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)))
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image.resize((width, height)), (x * width, y * height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def log_to_trackers(accelerator: Accelerator, results: Sequence[dict], step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for index, result in enumerate(results):
+                stack = np.stack([np.asarray(im) for im in [result["conditioning"], *result["images"]]])
+                tracker.writer.add_images(f"validation/{index}: {result['prompt']}", stack, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            images = []
+            for result in results:
+                images.append(wandb.Image(result["conditioning"], caption="Controlnet conditioning"))
+                images.extend(wandb.Image(im, caption=result["prompt"]) for im in result["images"])
+            tracker.log({"validation": images}, step=step)
+
+
+def run_validation(
+    *,
+    accelerator: Accelerator,
+    family: ModelFamily,
+    models: Models,
+    args,
+    weight_dtype: torch.dtype,
+    step: int,
+    seed: int,
+) -> Path | None:
+    """Generate, write ``validation/step-<step>.png`` and log; main process only."""
+    if not args.validation_prompt or not accelerator.is_main_process:
+        return None
+    logger.info("Running validation at step %d", step)
+    controlnet = accelerator.unwrap_model(models.controlnet)
+    was_training = controlnet.training
+    controlnet.eval()
+    pipeline = build_pipeline(family, models, controlnet, accelerator.device)
+    results = generate(
+        pipeline,
+        validation_pairs(args.validation_prompt, args.validation_image),
+        num_images=args.num_validation_images,
+        resolution=args.resolution,
+        seed=seed,
+        weight_dtype=weight_dtype,
+    )
+    controlnet.train(was_training)
+    path = save_grid(results, Path(args.output_dir) / VALIDATION_DIR / f"step-{step:06d}.png")
+    log_to_trackers(accelerator, results, step)
+    return path

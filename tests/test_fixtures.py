@@ -1,0 +1,185 @@
+"""Tests for the tiny offline Stable Diffusion fixtures."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTokenizer
+
+from controlnet_trainer import fixtures
+
+CAPTION = re.compile(r"^(\w+) circle with (\w+) background$")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    """Everything the CLI writes, built once for the module (this also tests the CLI)."""
+    out = tmp_path_factory.mktemp("assets")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        fixtures.main(["--output_dir", str(out), "--num_rows", "6", "--sdxl"])
+    for name in ("fill", "tiny-sd", "tiny-controlnet", "tiny-sdxl", "tiny-controlnet-sdxl"):
+        assert (out / name).is_dir()
+        assert name in printed.getvalue()
+    return out
+
+
+def _fill_batch(seed: int, count: int) -> tuple[list[fixtures.FillSample], torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    samples = [fixtures.fill_sample(rng, 64) for _ in range(count)]
+    pixels = np.stack([np.asarray(s.image) for s in samples])
+    return samples, torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _load_rows(path: Path, cache_dir: Path) -> datasets.Dataset:
+    return datasets.load_dataset(str(path), cache_dir=str(cache_dir))["train"]
+
+
+def test_dataset_loads_with_image_features_and_captions(tmp_path):
+    path = fixtures.build_fill_dataset(tmp_path / "fill", num_rows=12, size=32, seed=3)
+    rows = _load_rows(path, tmp_path / "cache")
+    assert len(rows) == 12
+    assert set(rows.column_names) == {"image", "conditioning_image", "text"}
+    assert isinstance(rows.features["image"], datasets.Image)
+    assert isinstance(rows.features["conditioning_image"], datasets.Image)
+    assert rows.features["text"] == datasets.Value("string")
+    for row in rows:
+        assert row["image"].mode == "RGB" and row["image"].size == (32, 32)
+        assert row["conditioning_image"].mode == "RGB" and row["conditioning_image"].size == (32, 32)
+        circle, background = CAPTION.match(row["text"]).groups()
+        assert circle != background
+        assert {circle, background} <= set(fixtures.COLOURS)
+
+
+def test_outline_lies_on_circle_edge_and_colours_match_caption():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        sample = fixtures.fill_sample(rng, 64)
+        circle, background = CAPTION.match(sample.text).groups()
+        image = np.asarray(sample.image)
+        is_circle = np.all(image == fixtures.COLOURS[circle], axis=-1)
+        assert np.all(is_circle | np.all(image == fixtures.COLOURS[background], axis=-1))
+        assert 0 < is_circle.sum() < is_circle.size
+
+        outline = np.asarray(sample.conditioning_image)
+        assert set(np.unique(outline)) <= {0, 255}
+        is_outline = outline[..., 0] == 255
+        # Pixels on the circle/background boundary (a 4-neighbour differs) must all be outlined...
+        padded = np.pad(is_circle, 1, mode="edge")
+        neighbours = [padded[:-2, 1:-1], padded[2:, 1:-1], padded[1:-1, :-2], padded[1:-1, 2:]]
+        edge = np.any([n != is_circle for n in neighbours], axis=0)
+        assert np.all(is_outline[edge])
+        # ...and every outline pixel lies within 2px of that boundary.
+        near_edge = np.zeros_like(edge)
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                near_edge |= np.roll(edge, (dy, dx), axis=(0, 1))
+        assert np.all(near_edge[is_outline])
+
+
+def test_dataset_is_deterministic_per_seed(tmp_path):
+    def build(name: str, seed: int) -> tuple[list, list[str]]:
+        rows = _load_rows(fixtures.build_fill_dataset(tmp_path / name, num_rows=5, seed=seed), tmp_path / "cache")
+        pixels = [np.asarray(r["image"]).tobytes() + np.asarray(r["conditioning_image"]).tobytes() for r in rows]
+        return pixels, rows["text"]
+
+    first, again = build("a", 0), build("b", 0)
+    assert first == again
+    parquet = Path("data/train-00000-of-00001.parquet")
+    assert (tmp_path / "a" / parquet).read_bytes() == (tmp_path / "b" / parquet).read_bytes()
+    # Rebuilding the same folder with another seed must not load stale cached rows.
+    other = build("a", 1)
+    assert other[0] != first[0] and other[1] != first[1]
+
+
+def test_tokenizer_pads_to_77_and_encodes_words_whole(assets, tmp_path):
+    tokenizer = CLIPTokenizer.from_pretrained(str(assets / "tiny-sd"), subfolder="tokenizer")
+    assert tokenizer.model_max_length == 77
+    assert tokenizer.pad_token == "<|endoftext|>"
+    for word in [*fixtures.COLOURS, *fixtures.CAPTION_WORDS, *fixtures.EXTRA_WORDS]:
+        ids = tokenizer(word).input_ids
+        assert tokenizer.convert_ids_to_tokens(ids) == ["<|startoftext|>", f"{word}</w>", "<|endoftext|>"]
+
+    caption = "red circle with blue background"
+    assert len(tokenizer(caption).input_ids) == 7
+    padded = tokenizer(caption, padding="max_length", truncation=True, max_length=tokenizer.model_max_length)
+    assert len(padded.input_ids) == 77
+    tokenizer.save_pretrained(str(tmp_path / "tok"))
+    reloaded = CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert reloaded(caption, padding="max_length", truncation=True, max_length=77).input_ids == padded.input_ids
+
+
+def test_vae_is_near_deterministic_and_unit_scaled(assets):
+    vae = AutoencoderKL.from_pretrained(str(assets / "tiny-sd"), subfolder="vae")
+    _, images = _fill_batch(seed=99, count=32)  # different images from the calibration set
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    assert posterior.mean.shape == (32, 4, 8, 8)
+    assert posterior.std.max() < 1e-3
+    latents = posterior.mean * vae.config.scaling_factor
+    assert 0.8 < latents.std().item() < 1.25
+    # Latents must carry the image: they vary across images at the same position.
+    assert latents.std(dim=0).mean() > 0.1
+
+
+def test_sd_pipeline_builds_deterministically(assets, tmp_path):
+    def unet_weights(path: Path) -> torch.Tensor:
+        return UNet2DConditionModel.from_pretrained(str(path), subfolder="unet").conv_in.weight
+
+    same = fixtures.build_tiny_sd(tmp_path / "same", seed=0)
+    other = fixtures.build_tiny_sd(tmp_path / "other", seed=1, prediction_type="v_prediction")
+    assert torch.equal(unet_weights(assets / "tiny-sd"), unet_weights(same))
+    assert not torch.equal(unet_weights(assets / "tiny-sd"), unet_weights(other))
+    assert StableDiffusionPipeline.from_pretrained(str(other)).scheduler.config.prediction_type == "v_prediction"
+
+
+def test_sd_pipeline_generates(assets):
+    pipe = StableDiffusionPipeline.from_pretrained(str(assets / "tiny-sd"))
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    image = pipe("red circle with blue background", num_inference_steps=2, height=64, width=64, output_type="np")
+    assert image.images.shape == (1, 64, 64, 3)
+
+
+def test_controlnet_pipeline_generates(assets):
+    pipe = StableDiffusionPipeline.from_pretrained(str(assets / "tiny-sd"))
+    controlnet = ControlNetModel.from_pretrained(str(assets / "tiny-controlnet"))
+    assert controlnet.config.block_out_channels == pipe.unet.config.block_out_channels
+    control_pipe = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    sample = fixtures.fill_sample(np.random.default_rng(0), 64)
+    output = control_pipe(
+        sample.text, image=sample.conditioning_image, num_inference_steps=2, height=64, width=64, output_type="np"
+    )
+    assert output.images.shape == (1, 64, 64, 3)
+
+
+def test_sdxl_pipeline_and_controlnet_generate(assets):
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(assets / "tiny-sdxl"))
+    assert pipe.tokenizer_2.pad_token == "!"
+    assert pipe.tokenizer.pad_token == "<|endoftext|>"
+    output = pipe("green circle with black background", num_inference_steps=2, height=64, width=64, output_type="np")
+    assert output.images.shape == (1, 64, 64, 3)
+
+    controlnet = ControlNetModel.from_pretrained(str(assets / "tiny-controlnet-sdxl"))
+    assert controlnet.config.addition_embed_type == "text_time"
+    control_pipe = StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=controlnet)
+    sample = fixtures.fill_sample(np.random.default_rng(1), 64)
+    output = control_pipe(
+        sample.text, image=sample.conditioning_image, num_inference_steps=2, height=64, width=64, output_type="np"
+    )
+    assert output.images.shape == (1, 64, 64, 3)
