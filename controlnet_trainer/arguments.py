@@ -160,6 +160,13 @@ def _checkpoint_group(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='Resume from a checkpoint: its name in --output_dir, a path, or "latest".',
     )
+    group.add_argument(
+        "--stop_at_step",
+        type=int,
+        default=None,
+        help="Save a checkpoint and exit once this optimizer step is done, keeping the schedule of "
+        "--max_train_steps (for time-boxed jobs); continue with --resume_from_checkpoint=latest.",
+    )
 
 
 def _speed_group(parser: argparse.ArgumentParser) -> None:
@@ -356,7 +363,7 @@ def _check_positive(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value < 1:
             raise ArgumentError(f"`--{name}` must be at least 1, got {value}.")
-    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples"):
+    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples", "stop_at_step"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ArgumentError(f"`--{name}` must be at least 1 when given, got {value}.")

@@ -249,14 +249,14 @@ def train_loop(
             if not math.isfinite(step_loss):
                 raise TrainingError(non_finite_message(step_loss, progress.global_step, output_dir))
             last_step = progress.global_step >= plan.max_train_steps
-            stopping = stop.agreed(accelerator) and not last_step
+            stopping = not last_step and (stop.agreed(accelerator) or progress.global_step == args.stop_at_step)
             if progress.global_step % args.checkpointing_steps == 0 or stopping:
                 path = checkpointing.save_checkpoint(accelerator, output_dir, progress, args.checkpoints_total_limit)
                 if stopping:
                     logger.warning(
                         "Stopped by %s at step %d; saved %s. Run the same command with "
                         "--resume_from_checkpoint=latest to continue.",
-                        stop.signal_name or "a signal on another rank",
+                        stop.signal_name or "--stop_at_step or a signal on another rank",
                         progress.global_step,
                         path,
                     )

@@ -1,0 +1,70 @@
+"""Shared offline fixtures: tiny models and fill data, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+from controlnet_trainer import fixtures
+
+RESOLUTION = 64
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD pipeline, its ControlNet, a 24-row fill dataset and validation images."""
+    root = tmp_path_factory.mktemp("assets")
+    return {
+        "sd": fixtures.build_tiny_sd(root / "tiny-sd"),
+        "controlnet": fixtures.build_tiny_controlnet(root / "tiny-sd", root / "tiny-controlnet"),
+        "fill": fixtures.build_fill_dataset(root / "fill", num_rows=24, size=RESOLUTION),
+        "validation": fixtures.write_validation_images(root / "validation", count=1, size=RESOLUTION),
+    }
+
+
+@pytest.fixture(scope="session")
+def sdxl_assets(tmp_path_factory, assets) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("assets-sdxl")
+    return assets | {
+        "sdxl": fixtures.build_tiny_sdxl(root / "tiny-sdxl"),
+        "controlnet_sdxl": fixtures.build_tiny_controlnet(root / "tiny-sdxl", root / "tiny-controlnet-sdxl"),
+    }
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train_argv(assets: dict[str, Path], output_dir: Path, *, sdxl: bool = False, **flags) -> list[str]:
+    """A small, fast command line on the fixtures; ``flags`` override or add --name=value."""
+    base = {
+        "pretrained_model_name_or_path": assets["sdxl" if sdxl else "sd"],
+        "dataset_name": assets["fill"],
+        "output_dir": output_dir,
+        "resolution": RESOLUTION,
+        "train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 0,
+        "max_train_steps": 4,
+        "checkpointing_steps": 100,
+        "validation_steps": 100,
+        "seed": 0,
+        "report_to": "none",
+    }
+    argv = []
+    for name, value in (base | flags).items():
+        if value is None:
+            continue
+        if value is True:
+            argv.append(f"--{name}")
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{name}", *map(str, value)]
+        else:
+            argv.append(f"--{name}={value}")
+    return argv

@@ -1,0 +1,146 @@
+"""In-process training runs on the tiny fixtures: output tree, checkpoints, resume, validation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import train_argv
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+from controlnet_trainer.checkpointing import CheckpointError
+from controlnet_trainer.cli import run
+
+
+def checkpoints(output_dir: Path) -> set[str]:
+    return {p.name for p in output_dir.iterdir() if p.name.startswith("checkpoint")}
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "diffusion_pytorch_model.safetensors")
+
+
+def test_total_limit_keeps_newest_two(assets, tmp_path):
+    # diffusers' test_controlnet_checkpointing_checkpoints_total_limit
+    run(train_argv(assets, tmp_path, max_train_steps=6, checkpointing_steps=2, checkpoints_total_limit=2))
+    assert checkpoints(tmp_path) == {"checkpoint-4", "checkpoint-6"}
+
+
+def test_resume_with_limit_removes_multiple(assets, tmp_path):
+    # diffusers' test_controlnet_checkpointing_checkpoints_total_limit_removes_multiple_checkpoints
+    run(train_argv(assets, tmp_path, max_train_steps=6, checkpointing_steps=2))
+    assert checkpoints(tmp_path) == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
+    result = run(
+        train_argv(
+            assets,
+            tmp_path,
+            max_train_steps=8,
+            checkpointing_steps=2,
+            checkpoints_total_limit=2,
+            resume_from_checkpoint="checkpoint-6",
+        )
+    )
+    assert result.global_step == 8
+    assert checkpoints(tmp_path) == {"checkpoint-6", "checkpoint-8"}
+
+
+def test_output_tree_and_final_model_generates(assets, tmp_path):
+    run(
+        train_argv(
+            assets,
+            tmp_path,
+            max_train_steps=2,
+            validation_prompt="red circle with blue background",
+            validation_image=assets["validation"][0],
+            num_validation_images=2,
+            validation_steps=1,
+            hub_token="hf_secret_value",
+        )
+    )
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md", "metrics.jsonl"} <= names
+    assert {"training_options.json", "validation"} <= names
+    # Validation ran at step 1 and at the last step; each grid is conditioning + 2 images wide.
+    grids = sorted((tmp_path / "validation").glob("*.png"))
+    assert [g.name for g in grids] == ["step-000001.png", "step-000002.png"]
+    assert Image.open(grids[-1]).size == (3 * 64, 64)
+    # The token never reaches the saved options or the card.
+    for name in ("training_options.json", "README.md"):
+        assert "hf_secret_value" not in (tmp_path / name).read_text()
+    options = json.loads((tmp_path / "training_options.json").read_text())
+    assert options["plan"]["max_train_steps"] == 2 and options["arguments"]["hub_token"] == "***"
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 for m in metrics)
+
+    controlnet = ControlNetModel.from_pretrained(tmp_path)
+    pipeline = StableDiffusionControlNetPipeline.from_pretrained(
+        assets["sd"], controlnet=controlnet, safety_checker=None, requires_safety_checker=False
+    )
+    image = pipeline(
+        "red circle with blue background",
+        image=Image.open(assets["validation"][0]),
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (64, 64)
+
+
+def test_training_changes_weights_and_starts_from_given_controlnet(assets, tmp_path):
+    run(train_argv(assets, tmp_path, controlnet_model_name_or_path=assets["controlnet"], max_train_steps=3))
+    before = load_file(assets["controlnet"] / "diffusion_pytorch_model.safetensors")
+    after = final_weights(tmp_path)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "stop_at, flags",
+    [
+        (3, {"gradient_accumulation_steps": 1}),  # mid-epoch (24 rows / batch 4 = 6 batches)
+        (4, {"gradient_accumulation_steps": 2, "proportion_empty_prompts": 0.5}),  # across an epoch end
+    ],
+)
+def test_resume_is_exact(assets, tmp_path, stop_at, flags):
+    """Stop-and-resume ends bit-identical to the uninterrupted run."""
+    common = dict(max_train_steps=7, lr_scheduler="cosine", lr_warmup_steps=2, **flags)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run(train_argv(assets, straight, **common))
+    stopped = run(train_argv(assets, interrupted, stop_at_step=stop_at, **common))
+    assert stopped.stopped_early and stopped.global_step == stop_at
+    assert checkpoints(interrupted) == {f"checkpoint-{stop_at}"} and not (interrupted / "config.json").exists()
+    run(train_argv(assets, interrupted, resume_from_checkpoint="latest", **common))
+    expected, resumed = final_weights(straight), final_weights(interrupted)
+    mismatched = [k for k in expected if not torch.equal(expected[k], resumed[k])]
+    assert not mismatched, f"{len(mismatched)} tensors differ, e.g. {mismatched[:3]}"
+    losses = lambda d: [json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(straight) == losses(interrupted)
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(assets, tmp_path):
+    result = run(train_argv(assets, tmp_path, max_train_steps=1, resume_from_checkpoint="latest"))
+    assert result.global_step == 1 and (tmp_path / "config.json").exists()
+
+
+def test_resume_from_missing_checkpoint_is_an_error(assets, tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint-99.*no such checkpoint"):
+        run(train_argv(assets, tmp_path, resume_from_checkpoint="checkpoint-99"))
+
+
+def test_output_dir_with_another_runs_checkpoints_is_refused(assets, tmp_path):
+    run(train_argv(assets, tmp_path, max_train_steps=2, checkpointing_steps=2))
+    with pytest.raises(CheckpointError, match="already holds checkpoints.*resume_from_checkpoint=latest"):
+        run(train_argv(assets, tmp_path, max_train_steps=2))
+    assert checkpoints(tmp_path) == {"checkpoint-2"}
+
+
+def test_dry_run_prints_plan_and_trains_nothing(assets, tmp_path, capsys):
+    run(train_argv(assets, tmp_path, dry_run=True, gradient_accumulation_steps=2, max_train_steps=None))
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["batches_per_epoch"] == 6 and plan["steps_per_epoch"] == 3 and plan["max_train_steps"] == 3
+    assert not (tmp_path / "config.json").exists()
