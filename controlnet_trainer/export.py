@@ -43,14 +43,16 @@ FIXED_MODULES = {
     "class_embedding.linear_2": "label_emb.0.2",
 }
 RESNET_PARTS = {
-    "norm1": "in_layers.0",
+    "norm1": "out_layers.0",
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
+    "norm2": "in_layers.0",
     "conv2": "out_layers.3",
     "conv_shortcut": "skip_connection",
 }
 SUPPORTED_MID_BLOCK = "UNetMidBlock2DCrossAttn"
+# The original releases are float16; A1111 and ComfyUI cast to what they run in anyway.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _input_block(block: int, layer: int, layers_per_block: int) -> int:
@@ -126,6 +128,8 @@ def save_single_file(controlnet: ControlNetModel, path: str | Path, *, prefix: s
 
 
 def _read_original(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InputError(f"{path} is not a file")
     with safe_open(str(path), framework="pt") as handle:
         keys = list(handle.keys())
         foreign = [key for key in keys if not key.startswith(prefix)]
@@ -175,6 +179,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--to_diffusers", action="store_true", help="convert a single file back to diffusers")
     parser.add_argument("--config", type=Path, help="with --to_diffusers: folder whose config.json describes the model")
     parser.add_argument("--prefix", default=PREFIX, help="key prefix in the single file (default: %(default)s)")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="float32", help="export: tensor type in the file (%(default)s)"
+    )
     args = parser.parse_args(argv)
     if args.to_diffusers and args.config is None:
         parser.error("--to_diffusers needs --config, a folder with the ControlNet's config.json")
@@ -187,7 +194,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.to_diffusers:
             original_to_diffusers(args.source, args.config, prefix=args.prefix).save_pretrained(str(args.target))
         else:
-            controlnet = ControlNetModel.from_pretrained(str(_model_dir(args.source)))
+            source = _model_dir(args.source)
+            controlnet = ControlNetModel.from_pretrained(str(source), torch_dtype=DTYPES[args.dtype])
             save_single_file(controlnet, args.target, prefix=args.prefix)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)

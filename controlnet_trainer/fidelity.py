@@ -1,0 +1,411 @@
+"""Conditioning fidelity: does the ControlNet use its conditioning image yet?
+
+ControlNet training "suddenly converges": the loss barely moves for thousands of steps, then
+the model starts obeying the conditioning. The training loss cannot show that moment, since
+most of it is the denoising the UNet already does. This module measures it directly on a small
+held-out set, with noise and timesteps fixed once so that two evaluations differ only by the
+ControlNet's weights. It computes the mean denoising loss (MSE against the scheduler's target,
+epsilon or v) of UNet + ControlNet given
+
+- ``matched``: each sample's own conditioning image,
+- ``mismatched``: the next held-out sample's conditioning image (the set rolled by one),
+- ``blank``: an all-zero conditioning image,
+- ``unet_only``: no ControlNet residuals at all,
+
+and reports ``control_gap = (mismatched - matched) / mismatched``, the relative improvement the
+right conditioning image brings over a wrong one. A fresh ControlNet (zero convolutions) gives
+four equal losses and a gap of 0.
+
+Evaluate a saved ControlNet (ours or any in diffusers format) from the command line::
+
+    python -m controlnet_trainer.fidelity \\
+        --pretrained_model_name_or_path=stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --controlnet_model_name_or_path=./controlnet-model --dataset_name=fusing/fill50k
+
+It prints one JSON object with the four losses, ``control_gap`` and ``num_samples``. Under
+``accelerate launch`` each process evaluates its share of the samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from . import data
+from .arguments import INTERPOLATION_MODES
+from .errors import InputError
+from .family import SD, SDXL, ModelFamily, crop_override_from_args, unet_added_conditioning
+from .loss import diffusion_loss
+from .models import Models, freeze_and_place, load_models
+
+# Fewer than two held-out samples leaves no *other* conditioning image to mismatch with.
+MIN_SAMPLES = 2
+CONDITIONS = ("matched", "mismatched", "blank", "unet_only")
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class FidelityResult:
+    """Mean held-out denoising losses under the four conditionings, and the gap they give."""
+
+    matched: float
+    mismatched: float
+    blank: float
+    unet_only: float
+    control_gap: float
+    num_samples: int
+
+    @classmethod
+    def from_losses(cls, losses: dict[str, float], num_samples: int) -> FidelityResult:
+        mismatched = losses["mismatched"]
+        # A zero loss means nothing is left to improve on, not infinite improvement.
+        gap = (mismatched - losses["matched"]) / mismatched if mismatched > 0 else 0.0
+        return cls(**losses, control_gap=gap, num_samples=num_samples)
+
+    def to_metrics(self, prefix: str = "fidelity/") -> dict[str, float]:
+        """The losses and the gap for ``accelerator.log``; the constant sample count is left out."""
+        return {f"{prefix}{name}": getattr(self, name) for name in (*CONDITIONS, "control_gap")}
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def split_heldout(
+    rows: datasets.Dataset, num_samples: int, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train rows, held-out rows): ``num_samples`` rows drawn with ``seed``, both in dataset order.
+
+    The draw depends only on the number of rows and the seed, so every process and every
+    resumed run holds out the same rows.
+    """
+    if num_samples < MIN_SAMPLES:
+        raise InputError(
+            f"The fidelity probe needs at least {MIN_SAMPLES} held-out samples (one sample's "
+            f"conditioning image is scored against another's); got {num_samples}. Hold out more."
+        )
+    if num_samples >= len(rows):
+        raise InputError(
+            f"The dataset has {len(rows)} rows, too few to hold out {num_samples} for the fidelity "
+            f"probe and still train on the rest. Hold out fewer samples (at most {len(rows) - 1}) "
+            "or use a larger dataset."
+        )
+    rng = np.random.default_rng(seed)
+    heldout = np.sort(rng.choice(len(rows), size=num_samples, replace=False))
+    keep = np.ones(len(rows), dtype=bool)
+    keep[heldout] = False
+    return rows.select(np.flatnonzero(keep)), rows.select(heldout)
+
+
+def load_samples(rows: datasets.Dataset, columns: data.Columns, transform: data.PairedTransform) -> list[dict]:
+    """Rows as training samples (same decoding and transform), ready for ``FidelityProbe.build``."""
+    dataset = data.ControlNetDataset(rows, columns, transform)
+    return [dataset[index] for index in range(len(dataset))]
+
+
+def fixed_timesteps(
+    num_samples: int, per_sample: int, num_train_timesteps: int, generator: torch.Generator
+) -> torch.Tensor:
+    """[num_samples, per_sample] timesteps: one in each of ``per_sample`` equal strata of the
+    schedule, at an offset drawn once per sample, so every noise level is covered evenly."""
+    offsets = torch.rand(num_samples, 1, generator=generator)
+    strata = torch.arange(per_sample, dtype=torch.float32)
+    timesteps = ((strata + offsets) * (num_train_timesteps / per_sample)).floor().long()
+    return timesteps.clamp_(0, num_train_timesteps - 1)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """The device's own autocast for an fp32 ControlNet beside half-precision frozen models."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _as_batch(samples: Sequence[dict] | dict) -> dict:
+    return samples if isinstance(samples, dict) else data.collate(samples)
+
+
+@torch.no_grad()
+def _encode(
+    models: Models,
+    family: ModelFamily,
+    batch: dict,
+    *,
+    resolution: int,
+    crop_override: tuple[int, int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Latents, prompt embeddings and SDXL added conditioning of one batch, as fp32 on the CPU."""
+    vae = models.vae
+    pixels = batch["pixel_values"].to(vae.device, vae.dtype)
+    # The posterior mean, not a sample: the probe must not change between evaluations.
+    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    prompts = [captions[0] for captions in batch["captions"]]
+    text = family.encode(models.tokenizers, models.text_encoders, prompts)
+    added = unet_added_conditioning(family, text, batch, resolution=resolution, crop_override=crop_override)
+    return (
+        latents.float().cpu(),
+        text.encoder_hidden_states.float().cpu(),
+        {name: value.float().cpu() for name, value in (added or {}).items()},
+    )
+
+
+def _slice_batch(batch: dict, rows: slice) -> dict:
+    return {name: value[rows] for name, value in batch.items()}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FidelityProbe:
+    """A held-out set encoded once, with fixed noise and timesteps, to score ControlNets on.
+
+    Per-sample tensors have one row per held-out sample; per-item tensors one row per
+    (sample, timestep) pair. They live on the CPU so that full-resolution conditioning images
+    do not occupy accelerator memory for the whole run; each batch is moved when evaluated.
+    """
+
+    unet: torch.nn.Module
+    noise_scheduler: object
+    weight_dtype: torch.dtype
+    latents: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    added_conditioning: dict[str, torch.Tensor]
+    conditioning: torch.Tensor
+    mismatched_index: torch.Tensor
+    item_sample: torch.Tensor
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+
+    @property
+    def num_samples(self) -> int:
+        return self.latents.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        models: Models,
+        family: ModelFamily,
+        samples: Sequence[dict] | dict,
+        *,
+        resolution: int,
+        timesteps_per_sample: int = 4,
+        seed: int = 0,
+        crop_override: tuple[int, int] | None = None,
+        weight_dtype: torch.dtype = torch.float32,
+        batch_size: int = 8,
+    ) -> FidelityProbe:
+        """Encode ``samples`` (``ControlNetDataset`` items, or a ``collate``d batch of them).
+
+        Build it on every process from the same samples: it is deterministic for ``seed``, so
+        all processes hold the same probe and each evaluates its share.
+        """
+        batch = _as_batch(samples)
+        count = len(batch["captions"])
+        if count < MIN_SAMPLES:
+            raise InputError(
+                f"The fidelity probe needs at least {MIN_SAMPLES} samples to mismatch "
+                f"conditioning images between; got {count}."
+            )
+        if timesteps_per_sample < 1:
+            raise InputError(f"timesteps_per_sample must be at least 1, got {timesteps_per_sample}.")
+        encoded = [
+            _encode(
+                models,
+                family,
+                _slice_batch(batch, slice(start, start + batch_size)),
+                resolution=resolution,
+                crop_override=crop_override,
+            )
+            for start in range(0, count, batch_size)
+        ]
+        latents = torch.cat([e[0] for e in encoded])
+        added = {name: torch.cat([e[2][name] for e in encoded]) for name in encoded[0][2]}
+        generator = torch.Generator().manual_seed(seed)
+        num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
+        timesteps = fixed_timesteps(count, timesteps_per_sample, num_train_timesteps, generator)
+        noise = torch.randn((count * timesteps_per_sample, *latents.shape[1:]), generator=generator)
+        return cls(
+            unet=models.unet,
+            noise_scheduler=models.noise_scheduler,
+            weight_dtype=weight_dtype,
+            latents=latents,
+            encoder_hidden_states=torch.cat([e[1] for e in encoded]),
+            added_conditioning=added,
+            conditioning=batch["conditioning_pixel_values"].float().cpu(),
+            mismatched_index=torch.roll(torch.arange(count), -1),
+            item_sample=torch.arange(count).repeat_interleave(timesteps_per_sample),
+            timesteps=timesteps.flatten(),
+            noise=noise,
+        )
+
+    def evaluate(
+        self, controlnet: torch.nn.Module, *, batch_size: int = 8, accelerator: Accelerator | None = None
+    ) -> FidelityResult:
+        """Score ``controlnet``; with an ``accelerator``, every process must call this.
+
+        Process ``r`` of ``n`` evaluates the samples ``i`` with ``i % n == r``; sums and counts
+        are then added over processes, so all get the same result.
+        """
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+        # The bare module: DDP's forward would expect every rank to run the same batches.
+        model = accelerator.unwrap_model(controlnet) if accelerator else controlnet
+        items = torch.nonzero(self.item_sample % world == rank).flatten()
+        was_training = model.training
+        model.eval()
+        try:
+            sums = self._loss_sums(model, items, batch_size)
+        finally:
+            model.train(was_training)
+        mine = torch.arange(self.num_samples) % world == rank
+        totals = torch.tensor([*sums, len(items), int(mine.sum())], dtype=torch.float64)
+        if accelerator is not None and world > 1:
+            totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+        num_items = float(totals[len(CONDITIONS)])
+        losses = {name: float(total) / num_items for name, total in zip(CONDITIONS, totals)}
+        return FidelityResult.from_losses(losses, num_samples=int(totals[-1]))
+
+    @torch.no_grad()
+    def _loss_sums(self, controlnet: torch.nn.Module, items: torch.Tensor, batch_size: int) -> list[float]:
+        """Per-condition sums of the per-item losses over ``items``."""
+        device = self.unet.device
+        sums = [0.0] * len(CONDITIONS)
+        with _autocast(device, self.weight_dtype):
+            for chunk in items.split(batch_size):
+                losses = self._batch_losses(controlnet, chunk, device)
+                sums = [total + float(loss.double().sum()) for total, loss in zip(sums, losses)]
+        return sums
+
+    def _batch_losses(self, controlnet: torch.nn.Module, items: torch.Tensor, device: torch.device):
+        """Per-item losses of one batch under each of the four conditionings, in CONDITIONS order."""
+        dtype = self.weight_dtype
+        samples = self.item_sample[items]
+        matched = self.conditioning[samples]
+        images = (matched, self.conditioning[self.mismatched_index[samples]], torch.zeros_like(matched), None)
+        added = {name: value[samples].to(device, dtype) for name, value in self.added_conditioning.items()}
+        common = dict(
+            unet=self.unet,
+            controlnet=controlnet,
+            noise_scheduler=self.noise_scheduler,
+            latents=self.latents[samples].to(device, dtype),
+            noise=self.noise[items].to(device, dtype),
+            timesteps=self.timesteps[items].to(device),
+            encoder_hidden_states=self.encoder_hidden_states[samples].to(device, dtype),
+            added_cond_kwargs=added or None,
+            weight_dtype=dtype,
+            reduce=False,
+        )
+        return [
+            diffusion_loss(**common, controlnet_image=None if image is None else image.to(device, dtype))
+            for image in images
+        ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Score a ControlNet's use of its conditioning image on a dataset: denoising "
+        "loss with matched, mismatched and blank conditioning images and without the ControlNet.",
+    )
+    models = parser.add_argument_group("models")
+    models.add_argument("--pretrained_model_name_or_path", type=str, required=True)
+    models.add_argument("--controlnet_model_name_or_path", type=str, required=True)
+    models.add_argument("--revision", type=str, default=None)
+    models.add_argument("--variant", type=str, default=None)
+    models.add_argument("--tokenizer_name", type=str, default=None)
+    models.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None)
+    models.add_argument("--cache_dir", type=str, default=None)
+    models.add_argument("--sdxl", action="store_true", help="The base model is SDXL.")
+    models.add_argument("--mixed_precision", type=str, default="no", choices=tuple(_DTYPES))
+    dataset = parser.add_argument_group("data")
+    dataset.add_argument("--dataset_name", type=str, default=None)
+    dataset.add_argument("--dataset_config_name", type=str, default=None)
+    dataset.add_argument("--train_data_dir", type=str, default=None)
+    dataset.add_argument("--image_column", type=str, default="image")
+    dataset.add_argument("--conditioning_image_column", type=str, default="conditioning_image")
+    dataset.add_argument("--caption_column", type=str, default="text")
+    dataset.add_argument("--resolution", type=int, default=None, help="Default: 512, or 1024 with --sdxl.")
+    dataset.add_argument(
+        "--image_interpolation_mode",
+        type=str,
+        default=None,
+        choices=INTERPOLATION_MODES,
+        help="Default: bilinear, or lanczos with --sdxl, as in training.",
+    )
+    dataset.add_argument("--crops_coords_top_left_h", type=int, default=None)
+    dataset.add_argument("--crops_coords_top_left_w", type=int, default=None)
+    probe = parser.add_argument_group("probe")
+    probe.add_argument("--num_samples", type=int, default=32, help="Score the first N rows of the train split.")
+    probe.add_argument("--timesteps_per_sample", type=int, default=4)
+    probe.add_argument("--seed", type=int, default=0, help="Seed of the fixed noise and timesteps.")
+    probe.add_argument("--batch_size", type=int, default=8)
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        raise InputError("Specify exactly one of `--dataset_name` or `--train_data_dir`.")
+    if args.resolution is not None and args.resolution % 8 != 0:
+        raise InputError(f"`--resolution` must be divisible by 8, got {args.resolution}.")
+    for name in ("num_samples", "timesteps_per_sample", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"`--{name}` must be at least 1, got {getattr(args, name)}.")
+
+
+def evaluate_saved(args: argparse.Namespace, accelerator: Accelerator) -> FidelityResult:
+    """Score ``--controlnet_model_name_or_path`` on the first ``--num_samples`` train rows.
+
+    The first rows, not a random draw, so that anyone can name exactly what was scored; point
+    it at data the ControlNet was not trained on to measure generalisation.
+    """
+    family = SDXL if args.sdxl else SD
+    resolution = args.resolution or (1024 if args.sdxl else 512)
+    mode = args.image_interpolation_mode or ("lanczos" if args.sdxl else "bilinear")
+    transform = data.PairedTransform(resolution, data.v2.InterpolationMode[mode.upper()])
+    with accelerator.main_process_first():
+        rows = data.load_train_dataset(args)
+    rows = rows.select(range(min(args.num_samples, len(rows))))
+    device = accelerator.device
+    weight_dtype = _DTYPES[args.mixed_precision]
+    models = load_models(args, family)
+    freeze_and_place(
+        models,
+        family,
+        device=device,
+        weight_dtype=weight_dtype,
+        custom_vae=bool(args.pretrained_vae_model_name_or_path),
+    )
+    models.controlnet.to(device)
+    probe = FidelityProbe.build(
+        models,
+        family,
+        load_samples(rows, data.columns_from_args(args), transform),
+        resolution=resolution,
+        timesteps_per_sample=args.timesteps_per_sample,
+        seed=args.seed,
+        crop_override=crop_override_from_args(args),
+        weight_dtype=weight_dtype,
+        batch_size=args.batch_size,
+    )
+    return probe.evaluate(models.controlnet, batch_size=args.batch_size, accelerator=accelerator)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        accelerator = Accelerator()
+        result = evaluate_saved(args, accelerator)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if accelerator.is_main_process:
+        print(json.dumps(result.to_json()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Flags: diffusers' names and defaults, the SDXL additions, and every cross-flag check."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from controlnet_trainer.arguments import ArgumentError, build_parser, check_args, parse_args
+from controlnet_trainer.plan import make_plan
+
+# diffusers examples/controlnet/train_controlnet.py: flag -> default.
+DIFFUSERS_SD_DEFAULTS = {
+    "pretrained_model_name_or_path": None,
+    "controlnet_model_name_or_path": None,
+    "revision": None,
+    "variant": None,
+    "tokenizer_name": None,
+    "output_dir": "controlnet-model",
+    "cache_dir": None,
+    "seed": None,
+    "resolution": 512,
+    "train_batch_size": 4,
+    "num_train_epochs": 1,
+    "max_train_steps": None,
+    "checkpointing_steps": 500,
+    "checkpoints_total_limit": None,
+    "resume_from_checkpoint": None,
+    "gradient_accumulation_steps": 1,
+    "gradient_checkpointing": False,
+    "learning_rate": 5e-6,
+    "scale_lr": False,
+    "lr_scheduler": "constant",
+    "lr_warmup_steps": 500,
+    "lr_num_cycles": 1,
+    "lr_power": 1.0,
+    "use_8bit_adam": False,
+    "dataloader_num_workers": 0,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.999,
+    "adam_weight_decay": 1e-2,
+    "adam_epsilon": 1e-08,
+    "max_grad_norm": 1.0,
+    "push_to_hub": False,
+    "hub_token": None,
+    "hub_model_id": None,
+    "logging_dir": "logs",
+    "allow_tf32": False,
+    "report_to": "tensorboard",
+    "mixed_precision": None,
+    "enable_xformers_memory_efficient_attention": False,
+    "set_grads_to_none": False,
+    "dataset_name": None,
+    "dataset_config_name": None,
+    "train_data_dir": None,
+    "image_column": "image",
+    "conditioning_image_column": "conditioning_image",
+    "caption_column": "text",
+    "max_train_samples": None,
+    "proportion_empty_prompts": 0,
+    "validation_prompt": None,
+    "validation_image": None,
+    "num_validation_images": 4,
+    "validation_steps": 100,
+    "tracker_project_name": "train_controlnet",
+}
+# What diffusers' train_controlnet_sdxl.py adds or changes.
+DIFFUSERS_SDXL_ONLY = {
+    "pretrained_vae_model_name_or_path",
+    "crops_coords_top_left_h",
+    "crops_coords_top_left_w",
+    "image_interpolation_mode",
+    "enable_npu_flash_attention",
+}
+
+
+def defaults(sdxl: bool = False) -> dict:
+    parser = build_parser(sdxl)
+    return {action.dest: action.default for action in parser._actions if action.dest != "help"}
+
+
+def test_sd_flags_keep_diffusers_names_and_defaults():
+    ours = defaults()
+    for name, value in DIFFUSERS_SD_DEFAULTS.items():
+        assert name in ours, f"--{name} is missing"
+        assert ours[name] == value, f"--{name} default {ours[name]!r}, diffusers {value!r}"
+
+
+def test_sdxl_script_adds_only_its_own_flags():
+    """Drift test: both entry points share every common flag; SDXL adds only its group."""
+    sd, sdxl = defaults(), defaults(sdxl=True)
+    assert set(sdxl) - set(sd) == DIFFUSERS_SDXL_ONLY
+    assert set(sd) <= set(sdxl)
+    differing = {name for name in sd if sd[name] != sdxl[name]}
+    assert differing == {"resolution", "tracker_project_name"}
+    assert sdxl["resolution"] == 1024 and sdxl["image_interpolation_mode"] == "lanczos"
+    assert sdxl["tracker_project_name"] == "sd_xl_train_controlnet"
+
+
+def test_help_has_sections():
+    text = build_parser(sdxl=True).format_help()
+    for section in ("model:", "data:", "checkpoints:", "validation:", "memory and speed:", "SDXL:"):
+        assert section in text
+
+
+BASE = ["--pretrained_model_name_or_path=m", "--dataset_name=d"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--pretrained_model_name_or_path=m"], "specify either `--dataset_name`"),
+        (BASE + ["--train_data_dir=x"], "only one of `--dataset_name` or `--train_data_dir`"),
+        (BASE + ["--proportion_empty_prompts=1.5"], r"must be in the range \[0, 1\]"),
+        (BASE + ["--validation_prompt", "a"], "`--validation_image` must be set"),
+        (BASE + ["--validation_image", "a.png"], "`--validation_prompt` must be set"),
+        (
+            BASE + ["--validation_prompt", "a", "b", "--validation_image", "1.png", "2.png", "3.png"],
+            "same number of elements",
+        ),
+        (BASE + ["--resolution=500"], "divisible by 8.*try 496"),
+        (BASE + ["--report_to=wandb", "--hub_token=t"], "both --report_to=wandb and --hub_token"),
+        (BASE + ["--train_batch_size=0"], "`--train_batch_size` must be at least 1"),
+        (BASE + ["--max_train_steps=0"], "`--max_train_steps` must be at least 1"),
+        (BASE + ["--snr_gamma=0"], "`--snr_gamma` must be positive"),
+    ],
+)
+def test_bad_arguments_raise_clear_messages(argv, message):
+    with pytest.raises(ArgumentError, match=message):
+        parse_args(argv)
+
+
+def test_one_prompt_pairs_with_many_images_and_vice_versa():
+    parse_args(BASE + ["--validation_prompt", "a", "--validation_image", "1.png", "2.png"])
+    parse_args(BASE + ["--validation_prompt", "a", "b", "--validation_image", "1.png"])
+    parse_args(BASE + ["--validation_prompt", "a", "b", "--validation_image", "1.png", "2.png"])
+
+
+def test_check_args_does_not_mutate():
+    args = parse_args(BASE + ["--max_train_steps=5"])
+    before = dict(vars(args))
+    check_args(args)
+    make_plan(args, num_samples=10, num_processes=2, mixed_precision="bf16", seed=1)
+    assert vars(args) == before
+
+
+def plan_for(num_samples, num_processes=1, **flags):
+    args = argparse.Namespace(
+        **(
+            dict(
+                train_batch_size=4,
+                gradient_accumulation_steps=1,
+                max_train_steps=None,
+                num_train_epochs=1,
+                learning_rate=1e-5,
+                scale_lr=False,
+            )
+            | flags
+        )
+    )
+    return make_plan(args, num_samples=num_samples, num_processes=num_processes, mixed_precision=None, seed=0)
+
+
+def test_plan_math_matches_diffusers():
+    plan = plan_for(50, num_processes=2, gradient_accumulation_steps=3, num_train_epochs=2)
+    assert plan.batches_per_epoch == 7  # ceil(50 / (4 * 2))
+    assert plan.steps_per_epoch == 3  # ceil(7 / 3)
+    assert plan.max_train_steps == 6 and plan.num_train_epochs == 2
+    assert plan.total_batch_size == 24
+    assert plan.mixed_precision == "no" and str(plan.weight_dtype) == "torch.float32"
+
+
+def test_plan_max_steps_overrides_epochs_and_scale_lr():
+    plan = plan_for(16, max_train_steps=10, scale_lr=True, gradient_accumulation_steps=2)
+    assert plan.steps_per_epoch == 2 and plan.num_train_epochs == 5
+    assert plan.learning_rate == pytest.approx(1e-5 * 8)

@@ -1,0 +1,134 @@
+"""Data: column checks, image modes, paired transforms, and prompt choice."""
+
+from __future__ import annotations
+
+import argparse
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from controlnet_trainer.data import (
+    Columns,
+    DataError,
+    PairedTransform,
+    check_columns,
+    choose_prompts,
+    collate,
+    load_train_dataset,
+    to_rgb,
+)
+
+COLUMNS = Columns("image", "conditioning_image", "text")
+
+
+def tiny_dataset(text) -> datasets.Dataset:
+    image = Image.new("RGB", (8, 8))
+    return datasets.Dataset.from_dict({"image": [image], "conditioning_image": [image], "text": [text]}).cast_column(
+        "image", datasets.Image()
+    )
+
+
+def test_missing_column_names_the_flag_and_the_columns():
+    dataset = tiny_dataset("a").rename_column("conditioning_image", "edges")
+    with pytest.raises(DataError, match=r"`--conditioning_image_column`.*'conditioning_image'.*\['image', 'edges', 'text'\]"):
+        check_columns(dataset, COLUMNS)
+
+
+def test_caption_column_must_be_text():
+    check_columns(tiny_dataset("a"), COLUMNS)
+    check_columns(tiny_dataset(["a", "b"]), COLUMNS)
+    with pytest.raises(DataError, match="strings or lists of strings"):
+        check_columns(tiny_dataset(3), COLUMNS)
+
+
+def test_nonexistent_dataset_path_and_empty_dataset(tmp_path):
+    empty = tiny_dataset("a").select([])
+    empty.to_parquet(tmp_path / "empty" / "train.parquet")
+    args = argparse.Namespace(
+        dataset_name=str(tmp_path / "empty"),
+        train_data_dir=None,
+        dataset_config_name=None,
+        cache_dir=None,
+        image_column="image",
+        conditioning_image_column="conditioning_image",
+        caption_column="text",
+    )
+    with pytest.raises(DataError, match="no rows"):
+        load_train_dataset(args)
+    with pytest.raises(DataError, match="`--dataset_name` points to .*does not exist"):
+        load_train_dataset(argparse.Namespace(**(vars(args) | {"dataset_name": str(tmp_path / "nope")})))
+
+
+def marker_image(size: tuple[int, int], box: tuple[int, int, int, int], colour) -> Image.Image:
+    array = np.zeros((size[1], size[0], 3), np.uint8)
+    left, top, right, bottom = box
+    array[top:bottom, left:right] = colour
+    return Image.fromarray(array)
+
+
+@pytest.mark.parametrize("size", [(96, 64), (64, 128), (64, 64)])
+def test_transform_keeps_image_and_conditioning_aligned(size):
+    """A marker at the same place in both images lands on the same pixels after resize + crop."""
+    box = (size[0] // 2 - 6, size[1] // 2 - 4, size[0] // 2 + 2, size[1] // 2 + 8)
+    image = marker_image(size, box, (255, 0, 0))
+    # The conditioning image is stored at twice the size: it must still follow the image.
+    conditioning = marker_image((size[0] * 2, size[1] * 2), tuple(v * 2 for v in box), (255, 255, 255))
+    out = PairedTransform(32)(image, conditioning)
+    pixels, cond = out["pixel_values"], out["conditioning_pixel_values"]
+    assert pixels.shape == cond.shape == (3, 32, 32)
+    assert pixels.min() >= -1 and pixels.max() <= 1 and cond.min() >= 0 and cond.max() <= 1
+    image_mask = pixels[0] > 0  # red channel above mid-grey
+    cond_mask = cond[0] > 0.5
+    assert image_mask.any()
+    overlap = (image_mask & cond_mask).sum() / (image_mask | cond_mask).sum()
+    assert overlap > 0.9
+
+
+def test_transform_reports_the_crop_it_made():
+    out = PairedTransform(64)(Image.new("RGB", (200, 100)), Image.new("RGB", (200, 100)))
+    # Resized to 128x64 (short side 64), centre crop 64 wide starts at column 32.
+    assert out["original_size"] == (100, 200)
+    assert out["crop_top_left"] == (0, 32)
+    out = PairedTransform(64)(Image.new("RGB", (100, 300)), Image.new("RGB", (100, 300)))
+    assert out["original_size"] == (300, 100) and out["crop_top_left"] == (64, 0)
+
+
+def test_to_rgb_converts_every_mode_correctly():
+    # 16-bit greyscale is rescaled, not clipped to white: 128 * 257 is mid-grey 128.
+    sixteen = Image.fromarray(np.array([[0, 128 * 257, 65535]], np.uint16))
+    assert np.asarray(to_rgb(sixteen, (0, 0, 0)))[0, :, 0].tolist() == [0, 128, 255]
+    grey = Image.new("L", (4, 4), 77)
+    assert np.asarray(to_rgb(grey, (0, 0, 0)))[0, 0].tolist() == [77, 77, 77]
+    transparent = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert np.asarray(to_rgb(transparent, (255, 255, 255)))[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(to_rgb(transparent, (0, 0, 0)))[0, 0].tolist() == [0, 0, 0]
+    opaque = Image.new("RGBA", (4, 4), (10, 20, 30, 255))
+    assert np.asarray(to_rgb(opaque, (255, 255, 255)))[0, 0].tolist() == [10, 20, 30]
+    palette = Image.new("P", (4, 4), 3)
+    palette.putpalette([0, 0, 0] * 3 + [1, 2, 3] + [0, 0, 0] * 252)
+    assert np.asarray(to_rgb(palette, (0, 0, 0)))[0, 0].tolist() == [1, 2, 3]
+
+
+def test_prompt_dropout_rate_and_determinism():
+    captions = [["red circle"]] * 4000
+    prompts = choose_prompts(captions, 0.25, torch.Generator().manual_seed(0))
+    assert abs(prompts.count("") / len(prompts) - 0.25) < 0.03
+    assert prompts == choose_prompts(captions, 0.25, torch.Generator().manual_seed(0))
+    assert prompts != choose_prompts(captions, 0.25, torch.Generator().manual_seed(1))
+    assert "" not in choose_prompts(captions, 0.0, torch.Generator().manual_seed(0))
+
+
+def test_caption_lists_pick_each_option():
+    prompts = choose_prompts([["a", "b", "c"]] * 300, 0.0, torch.Generator().manual_seed(0))
+    assert set(prompts) == {"a", "b", "c"}
+
+
+def test_collate_stacks_and_keeps_caption_lists():
+    sample = PairedTransform(16)(Image.new("RGB", (16, 16)), Image.new("RGB", (16, 16)))
+    batch = collate([sample | {"captions": ["x"], "index": 3}, sample | {"captions": ["y", "z"], "index": 5}])
+    assert batch["pixel_values"].shape == (2, 3, 16, 16)
+    assert batch["captions"] == [["x"], ["y", "z"]] and batch["index"].tolist() == [3, 5]
+    assert batch["original_size"].tolist() == [[16, 16], [16, 16]]

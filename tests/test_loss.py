@@ -1,0 +1,90 @@
+"""The diffusion step: target, Min-SNR weighting, and the ControlNet residual path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
+
+from controlnet_trainer.loss import diffusion_loss, min_snr_weights, sample_noise_and_timesteps
+
+
+@pytest.fixture(scope="module")
+def tiny(assets):
+    unet = UNet2DConditionModel.from_pretrained(assets["sd"], subfolder="unet")
+    controlnet = ControlNetModel.from_unet(unet)
+    scheduler = DDPMScheduler.from_pretrained(assets["sd"], subfolder="scheduler")
+    torch.manual_seed(0)
+    inputs = {
+        "latents": torch.randn(2, 4, 8, 8),
+        "encoder_hidden_states": torch.randn(2, 77, 32),
+        "controlnet_image": torch.rand(2, 3, 64, 64),
+    }
+    return unet, controlnet, scheduler, inputs
+
+
+def loss_for(tiny, scheduler=None, **kwargs):
+    unet, controlnet, default_scheduler, inputs = tiny
+    noise, timesteps = sample_noise_and_timesteps(inputs["latents"], 1000, torch.Generator().manual_seed(1))
+    merged = inputs | {"noise": noise, "timesteps": timesteps} | kwargs
+    with torch.no_grad():
+        return diffusion_loss(unet=unet, controlnet=controlnet, noise_scheduler=scheduler or default_scheduler, **merged), merged
+
+
+def test_epsilon_loss_is_mse_to_noise_and_fresh_controlnet_adds_nothing(tiny):
+    unet, _, scheduler, _ = tiny
+    loss, used = loss_for(tiny)
+    noisy = scheduler.add_noise(used["latents"], used["noise"], used["timesteps"])
+    with torch.no_grad():
+        plain = unet(noisy, used["timesteps"], encoder_hidden_states=used["encoder_hidden_states"]).sample
+    # Zero convolutions: a ControlNet fresh from the UNet leaves the prediction unchanged.
+    assert loss.item() == pytest.approx(F.mse_loss(plain, used["noise"]).item(), rel=1e-5)
+    without, _ = loss_for(tiny, controlnet_image=None)
+    assert loss.item() == pytest.approx(without.item(), rel=1e-6)
+
+
+def test_v_prediction_target(tiny):
+    unet, _, scheduler, _ = tiny
+    v_scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
+    loss, used = loss_for(tiny, scheduler=v_scheduler)
+    noisy = v_scheduler.add_noise(used["latents"], used["noise"], used["timesteps"])
+    velocity = v_scheduler.get_velocity(used["latents"], used["noise"], used["timesteps"])
+    with torch.no_grad():
+        plain = unet(noisy, used["timesteps"], encoder_hidden_states=used["encoder_hidden_states"]).sample
+    assert loss.item() == pytest.approx(F.mse_loss(plain, velocity).item(), rel=1e-5)
+
+
+def test_min_snr_weights_follow_the_formula(tiny):
+    _, _, scheduler, _ = tiny
+    timesteps = torch.tensor([0, 10, 500, 999])
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    expected = torch.minimum(snr, torch.tensor(5.0)) / snr
+    assert torch.allclose(min_snr_weights(scheduler, timesteps, 5.0), expected, rtol=1e-5)
+    v_scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
+    assert torch.allclose(min_snr_weights(v_scheduler, timesteps, 5.0), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), rtol=1e-5)
+    # High-noise steps (low SNR) keep full weight for epsilon; low-noise steps are damped.
+    weights = min_snr_weights(scheduler, timesteps, 5.0)
+    assert weights[-1] == pytest.approx(1.0) and weights[0] < 0.01
+
+
+def test_min_snr_changes_the_loss_by_the_per_sample_weights(tiny):
+    plain, used = loss_for(tiny, reduce=False)
+    weighted, _ = loss_for(tiny, reduce=False, snr_gamma=5.0)
+    weights = min_snr_weights(tiny[2], used["timesteps"], 5.0)
+    assert torch.allclose(weighted, plain * weights, rtol=1e-5)
+
+
+def test_residuals_reach_the_unet(tiny):
+    unet, controlnet, scheduler, inputs = tiny
+    changed = ControlNetModel.from_unet(unet)
+    with torch.no_grad():
+        # Zero-initialised: the output convolutions and the hint embedding's last layer.
+        for block in [*changed.controlnet_down_blocks, changed.controlnet_mid_block, changed.controlnet_cond_embedding.conv_out]:
+            block.weight.normal_(0, 0.1)
+    base, _ = loss_for(tiny)
+    altered, _ = loss_for((unet, changed, scheduler, inputs))
+    other_image, _ = loss_for((unet, changed, scheduler, inputs), controlnet_image=torch.zeros(2, 3, 64, 64))
+    assert altered.item() != pytest.approx(base.item(), rel=1e-4)
+    assert altered.item() != pytest.approx(other_image.item(), rel=1e-4)
