@@ -43,10 +43,10 @@ FIXED_MODULES = {
     "class_embedding.linear_2": "label_emb.0.2",
 }
 RESNET_PARTS = {
-    "norm1": "out_layers.0",
+    "norm1": "in_layers.0",
     "conv1": "in_layers.2",
     "time_emb_proj": "emb_layers.1",
-    "norm2": "in_layers.0",
+    "norm2": "out_layers.0",
     "conv2": "out_layers.3",
     "conv_shortcut": "skip_connection",
 }
