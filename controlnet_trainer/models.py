@@ -71,7 +71,7 @@ def _check_local_path(path: str, flag: str) -> None:
 
 def _load_tokenizer(args: argparse.Namespace, family: ModelFamily, subfolder: str):
     if args.tokenizer_name and len(family.text_components) == 1:
-        source, subfolder = args.tokenizer_name, None
+        source, subfolder = args.tokenizer_name, ""
     else:  # SDXL's --tokenizer_name names a repo holding tokenizer/ and tokenizer_2/
         source = args.tokenizer_name or args.pretrained_model_name_or_path
     return transformers.AutoTokenizer.from_pretrained(
