@@ -86,6 +86,12 @@ def _output_group(parser: argparse.ArgumentParser, project_name: str) -> None:
     )
     group.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
     group.add_argument(
+        "--save_single_file",
+        action="store_true",
+        help="Also save the final ControlNet as one controlnet.safetensors in the original layout "
+        "that AUTOMATIC1111 and ComfyUI load.",
+    )
+    group.add_argument(
         "--dry_run",
         action="store_true",
         help="Load the dataset, print the resolved training plan and exit without training.",
@@ -246,6 +252,33 @@ def _validation_group(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--num_validation_images", type=int, default=4)
     group.add_argument("--validation_steps", type=int, default=100)
+    group.add_argument(
+        "--fidelity_samples",
+        type=int,
+        default=0,
+        help="Hold out this many training rows (or take them from --fidelity_dataset) to measure the "
+        "control gap: how much better the denoising loss is with the matching conditioning image "
+        "than with another sample's. 0 (default) turns the measure off; 32 is a good start.",
+    )
+    group.add_argument(
+        "--fidelity_dataset",
+        type=str,
+        default=None,
+        help="Dataset (hub id or local path) whose first --fidelity_samples rows form the held-out "
+        "set, instead of splitting them off the training data.",
+    )
+    group.add_argument(
+        "--fidelity_steps",
+        type=int,
+        default=None,
+        help="Measure the control gap every this many steps (default: at every validation round).",
+    )
+    group.add_argument(
+        "--fidelity_timesteps",
+        type=int,
+        default=4,
+        help="Fixed timesteps per held-out sample, spread over the noise schedule.",
+    )
 
 
 def _hub_group(parser: argparse.ArgumentParser) -> None:
@@ -334,6 +367,16 @@ def check_args(args: argparse.Namespace) -> None:
             "You cannot use both --report_to=wandb and --hub_token due to a security risk of "
             "exposing your token. Log in with `hf auth login` instead of passing --hub_token."
         )
+    if args.fidelity_dataset is not None and args.fidelity_samples < 2:
+        raise ArgumentError(
+            "`--fidelity_dataset` needs `--fidelity_samples` of at least 2 (the number of its rows to "
+            "measure on); 32 is a good start."
+        )
+    if args.fidelity_samples == 1 or args.fidelity_samples < 0:
+        raise ArgumentError(
+            f"`--fidelity_samples` must be 0 (off) or at least 2, got {args.fidelity_samples}: the control "
+            "gap compares each sample with another sample's conditioning image."
+        )
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ArgumentError(f"`--snr_gamma` must be positive (5.0 is typical), got {args.snr_gamma}.")
 
@@ -359,11 +402,12 @@ def _check_positive(args: argparse.Namespace) -> None:
         "validation_steps",
         "num_train_epochs",
         "num_validation_images",
+        "fidelity_timesteps",
     ):
         value = getattr(args, name)
         if value < 1:
             raise ArgumentError(f"`--{name}` must be at least 1, got {value}.")
-    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples", "stop_at_step"):
+    for name in ("max_train_steps", "checkpoints_total_limit", "max_train_samples", "stop_at_step", "fidelity_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ArgumentError(f"`--{name}` must be at least 1 when given, got {value}.")

@@ -8,12 +8,15 @@ from collections.abc import Sequence
 from .arguments import parse_args
 from .errors import InputError
 from .family import SD, SDXL
-from .training import RunResult, train
 
 
-def run(argv: Sequence[str] | None = None, *, sdxl: bool = False) -> RunResult:
+def run(argv: Sequence[str] | None = None, *, sdxl: bool = False):
     """Parse ``argv`` for SD or SDXL and train; what tests and the scripts both call."""
-    return train(parse_args(argv, sdxl=sdxl), SDXL if sdxl else SD)
+    args = parse_args(argv, sdxl=sdxl)
+    # Imported after parsing so that --help and bad flags answer without loading torch.
+    from .training import train
+
+    return train(args, SDXL if sdxl else SD)
 
 
 def main(sdxl: bool = False) -> None:

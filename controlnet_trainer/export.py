@@ -51,7 +51,7 @@ RESNET_PARTS = {
     "conv_shortcut": "skip_connection",
 }
 SUPPORTED_MID_BLOCK = "UNetMidBlock2DCrossAttn"
-# The original releases are float16; A1111 and ComfyUI cast to what they run in anyway.
+# A1111 and ComfyUI cast on load; float16 halves the file, as the widely shared *_fp16 copies do.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -121,7 +121,7 @@ def save_single_file(controlnet: ControlNetModel, path: str | Path, *, prefix: s
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     original = diffusers_to_original(controlnet.state_dict(), controlnet.config)
-    # safetensors needs contiguous CPU-readable storage; this never changes dtype, shape or values.
+    # safetensors refuses non-contiguous tensors; contiguous() never changes dtype, shape or values.
     tensors = {prefix + key: tensor.detach().contiguous() for key, tensor in original.items()}
     save_file(tensors, str(path), metadata=METADATA)
     return path
@@ -157,7 +157,10 @@ def original_to_diffusers(path: str | Path, config_dir: str | Path, *, prefix: s
             f"{path} does not match the ControlNet in {config_dir}: "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})"
         )
-    model.load_state_dict({names[key]: tensor for key, tensor in stored.items()}, strict=True, assign=True)
+    try:
+        model.load_state_dict({names[key]: tensor for key, tensor in stored.items()}, strict=True, assign=True)
+    except RuntimeError as error:  # same names, other sizes: a config for another model
+        raise InputError(f"{path} does not match the ControlNet in {config_dir}: {error}") from error
     return model.eval()
 
 

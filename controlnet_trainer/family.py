@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
-from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +38,9 @@ class ModelFamily:
     text_components: tuple[tuple[str, str], ...]
     encode: Encoder
     uses_time_ids: bool
-    pipeline_class: type
+    # A diffusers class name, resolved when validation needs it: importing the pipelines costs
+    # seconds that a run without validation (or a bad-argument error) should not pay.
+    pipeline_class: str
     pipeline_extras: dict
     # SDXL's VAE overflows in fp16, so it stays fp32 unless the user supplies a safe one.
     vae_fp32_by_default: bool
@@ -122,7 +123,7 @@ SD = ModelFamily(
     text_components=(("tokenizer", "text_encoder"),),
     encode=encode_sd,
     uses_time_ids=False,
-    pipeline_class=StableDiffusionControlNetPipeline,
+    pipeline_class="StableDiffusionControlNetPipeline",
     pipeline_extras={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
     vae_fp32_by_default=False,
 )
@@ -132,7 +133,7 @@ SDXL = ModelFamily(
     text_components=(("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
     encode=encode_sdxl,
     uses_time_ids=True,
-    pipeline_class=StableDiffusionXLControlNetPipeline,
+    pipeline_class="StableDiffusionXLControlNetPipeline",
     pipeline_extras={"add_watermarker": False},
     vae_fp32_by_default=True,
 )

@@ -22,8 +22,10 @@ Evaluate a saved ControlNet (ours or any in diffusers format) from the command l
         --pretrained_model_name_or_path=stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --controlnet_model_name_or_path=./controlnet-model --dataset_name=fusing/fill50k
 
-It prints one JSON object with the four losses, ``control_gap`` and ``num_samples``. Under
-``accelerate launch`` each process evaluates its share of the samples.
+It scores the first ``--num_samples`` rows of the dataset's train split (point it at data the
+ControlNet was not trained on) and prints one JSON object with the four losses,
+``control_gap`` and ``num_samples``. Under ``accelerate launch`` each process evaluates its
+share of the samples and the main process prints the combined result.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from torchvision.transforms import v2
 
 from . import data
 from .arguments import INTERPOLATION_MODES
@@ -46,11 +50,11 @@ from .errors import InputError
 from .family import SD, SDXL, ModelFamily, crop_override_from_args, unet_added_conditioning
 from .loss import diffusion_loss
 from .models import Models, freeze_and_place, load_models
+from .plan import DTYPES
 
 # Fewer than two held-out samples leaves no *other* conditioning image to mismatch with.
 MIN_SAMPLES = 2
 CONDITIONS = ("matched", "mismatched", "blank", "unet_only")
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +83,7 @@ class FidelityResult:
         return dataclasses.asdict(self)
 
 
-def split_heldout(
-    rows: datasets.Dataset, num_samples: int, seed: int
-) -> tuple[datasets.Dataset, datasets.Dataset]:
+def split_heldout(rows: datasets.Dataset, num_samples: int, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """(train rows, held-out rows): ``num_samples`` rows drawn with ``seed``, both in dataset order.
 
     The draw depends only on the number of rows and the seed, so every process and every
@@ -157,8 +159,29 @@ def _encode(
     )
 
 
-def _slice_batch(batch: dict, rows: slice) -> dict:
-    return {name: value[rows] for name, value in batch.items()}
+def _encode_in_batches(
+    models: Models,
+    family: ModelFamily,
+    batch: dict,
+    *,
+    batch_size: int,
+    resolution: int,
+    crop_override: tuple[int, int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``_encode`` over the whole set, a few samples at a time to bound the VAE's memory."""
+    count = len(batch["captions"])
+    parts = [
+        _encode(
+            models,
+            family,
+            {name: value[start : start + batch_size] for name, value in batch.items()},
+            resolution=resolution,
+            crop_override=crop_override,
+        )
+        for start in range(0, count, batch_size)
+    ]
+    latents, hidden, added = zip(*parts)
+    return torch.cat(latents), torch.cat(hidden), {name: torch.cat([a[name] for a in added]) for name in added[0]}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -170,17 +193,17 @@ class FidelityProbe:
     do not occupy accelerator memory for the whole run; each batch is moved when evaluated.
     """
 
-    unet: torch.nn.Module
-    noise_scheduler: object
+    unet: torch.nn.Module = dataclasses.field(repr=False)
+    noise_scheduler: DDPMScheduler = dataclasses.field(repr=False)
     weight_dtype: torch.dtype
-    latents: torch.Tensor
-    encoder_hidden_states: torch.Tensor
-    added_conditioning: dict[str, torch.Tensor]
-    conditioning: torch.Tensor
-    mismatched_index: torch.Tensor
-    item_sample: torch.Tensor
-    timesteps: torch.Tensor
-    noise: torch.Tensor
+    latents: torch.Tensor = dataclasses.field(repr=False)
+    encoder_hidden_states: torch.Tensor = dataclasses.field(repr=False)
+    added_conditioning: dict[str, torch.Tensor] = dataclasses.field(repr=False)
+    conditioning: torch.Tensor = dataclasses.field(repr=False)
+    mismatched_index: torch.Tensor = dataclasses.field(repr=False)
+    item_sample: torch.Tensor = dataclasses.field(repr=False)
+    timesteps: torch.Tensor = dataclasses.field(repr=False)
+    noise: torch.Tensor = dataclasses.field(repr=False)
 
     @property
     def num_samples(self) -> int:
@@ -214,18 +237,9 @@ class FidelityProbe:
             )
         if timesteps_per_sample < 1:
             raise InputError(f"timesteps_per_sample must be at least 1, got {timesteps_per_sample}.")
-        encoded = [
-            _encode(
-                models,
-                family,
-                _slice_batch(batch, slice(start, start + batch_size)),
-                resolution=resolution,
-                crop_override=crop_override,
-            )
-            for start in range(0, count, batch_size)
-        ]
-        latents = torch.cat([e[0] for e in encoded])
-        added = {name: torch.cat([e[2][name] for e in encoded]) for name in encoded[0][2]}
+        latents, hidden, added = _encode_in_batches(
+            models, family, batch, batch_size=batch_size, resolution=resolution, crop_override=crop_override
+        )
         generator = torch.Generator().manual_seed(seed)
         num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
         timesteps = fixed_timesteps(count, timesteps_per_sample, num_train_timesteps, generator)
@@ -235,7 +249,7 @@ class FidelityProbe:
             noise_scheduler=models.noise_scheduler,
             weight_dtype=weight_dtype,
             latents=latents,
-            encoder_hidden_states=torch.cat([e[1] for e in encoded]),
+            encoder_hidden_states=hidden,
             added_conditioning=added,
             conditioning=batch["conditioning_pixel_values"].float().cpu(),
             mismatched_index=torch.roll(torch.arange(count), -1),
@@ -288,22 +302,59 @@ class FidelityProbe:
         matched = self.conditioning[samples]
         images = (matched, self.conditioning[self.mismatched_index[samples]], torch.zeros_like(matched), None)
         added = {name: value[samples].to(device, dtype) for name, value in self.added_conditioning.items()}
-        common = dict(
-            unet=self.unet,
-            controlnet=controlnet,
-            noise_scheduler=self.noise_scheduler,
-            latents=self.latents[samples].to(device, dtype),
-            noise=self.noise[items].to(device, dtype),
-            timesteps=self.timesteps[items].to(device),
-            encoder_hidden_states=self.encoder_hidden_states[samples].to(device, dtype),
-            added_cond_kwargs=added or None,
-            weight_dtype=dtype,
-            reduce=False,
-        )
+        common = {
+            "unet": self.unet,
+            "controlnet": controlnet,
+            "noise_scheduler": self.noise_scheduler,
+            "latents": self.latents[samples].to(device, dtype),
+            "noise": self.noise[items].to(device, dtype),
+            "timesteps": self.timesteps[items].to(device),
+            "encoder_hidden_states": self.encoder_hidden_states[samples].to(device, dtype),
+            "added_cond_kwargs": added or None,
+            "weight_dtype": dtype,
+            "reduce": False,
+        }
         return [
             diffusion_loss(**common, controlnet_image=None if image is None else image.to(device, dtype))
             for image in images
         ]
+
+
+def heldout_rows(
+    args: argparse.Namespace, rows: datasets.Dataset, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(training rows, held-out rows or None) as --fidelity_samples / --fidelity_dataset say."""
+    if not args.fidelity_samples:
+        return rows, None
+    if args.fidelity_dataset is None:
+        return split_heldout(rows, args.fidelity_samples, seed)
+    source = argparse.Namespace(**(vars(args) | {"dataset_name": args.fidelity_dataset, "train_data_dir": None}))
+    held_out = data.load_train_dataset(source)
+    return rows, held_out.select(range(min(args.fidelity_samples, len(held_out))))
+
+
+def probe_for_training(
+    args: argparse.Namespace,
+    rows: datasets.Dataset,
+    models: Models,
+    family: ModelFamily,
+    *,
+    transform: data.PairedTransform,
+    weight_dtype: torch.dtype,
+    seed: int,
+) -> FidelityProbe:
+    """The probe the trainer evaluates; built identically on every process."""
+    samples = load_samples(rows, data.columns_from_args(args), transform)
+    return FidelityProbe.build(
+        models,
+        family,
+        samples,
+        resolution=args.resolution,
+        timesteps_per_sample=args.fidelity_timesteps,
+        seed=seed,
+        crop_override=crop_override_from_args(args),
+        weight_dtype=weight_dtype,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,15 +363,29 @@ def build_parser() -> argparse.ArgumentParser:
         "loss with matched, mismatched and blank conditioning images and without the ControlNet.",
     )
     models = parser.add_argument_group("models")
-    models.add_argument("--pretrained_model_name_or_path", type=str, required=True)
-    models.add_argument("--controlnet_model_name_or_path", type=str, required=True)
+    models.add_argument(
+        "--pretrained_model_name_or_path", type=str, required=True, help="The base pipeline (diffusers format)."
+    )
+    models.add_argument(
+        "--controlnet_model_name_or_path",
+        type=str,
+        default=None,
+        help="The ControlNet to score (diffusers format). Without it, a fresh ControlNet made from "
+        "the UNet is scored: the baseline, whose four losses are equal.",
+    )
     models.add_argument("--revision", type=str, default=None)
     models.add_argument("--variant", type=str, default=None)
     models.add_argument("--tokenizer_name", type=str, default=None)
     models.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None)
     models.add_argument("--cache_dir", type=str, default=None)
     models.add_argument("--sdxl", action="store_true", help="The base model is SDXL.")
-    models.add_argument("--mixed_precision", type=str, default="no", choices=tuple(_DTYPES))
+    models.add_argument(
+        "--mixed_precision",
+        type=str,
+        default="no",
+        choices=tuple(DTYPES),
+        help="dtype of the frozen base models; the ControlNet runs in fp32 under autocast.",
+    )
     dataset = parser.add_argument_group("data")
     dataset.add_argument("--dataset_name", type=str, default=None)
     dataset.add_argument("--dataset_config_name", type=str, default=None)
@@ -340,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     dataset.add_argument("--crops_coords_top_left_w", type=int, default=None)
     probe = parser.add_argument_group("probe")
     probe.add_argument("--num_samples", type=int, default=32, help="Score the first N rows of the train split.")
-    probe.add_argument("--timesteps_per_sample", type=int, default=4)
+    probe.add_argument(
+        "--timesteps_per_sample", type=int, default=4, help="Timesteps per sample, spread evenly over the schedule."
+    )
     probe.add_argument("--seed", type=int, default=0, help="Seed of the fixed noise and timesteps.")
     probe.add_argument("--batch_size", type=int, default=8)
     return parser
@@ -356,21 +423,25 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError(f"`--{name}` must be at least 1, got {getattr(args, name)}.")
 
 
+def transform_from_args(args: argparse.Namespace) -> data.PairedTransform:
+    """The training scripts' defaults: 512 px and bilinear, or 1024 px and lanczos for SDXL."""
+    resolution = args.resolution or (1024 if args.sdxl else 512)
+    mode = args.image_interpolation_mode or ("lanczos" if args.sdxl else "bilinear")
+    return data.PairedTransform(resolution, v2.InterpolationMode[mode.upper()])
+
+
 def evaluate_saved(args: argparse.Namespace, accelerator: Accelerator) -> FidelityResult:
     """Score ``--controlnet_model_name_or_path`` on the first ``--num_samples`` train rows.
 
-    The first rows, not a random draw, so that anyone can name exactly what was scored; point
-    it at data the ControlNet was not trained on to measure generalisation.
+    The first rows, not a random draw, so that anyone can name exactly what was scored.
     """
     family = SDXL if args.sdxl else SD
-    resolution = args.resolution or (1024 if args.sdxl else 512)
-    mode = args.image_interpolation_mode or ("lanczos" if args.sdxl else "bilinear")
-    transform = data.PairedTransform(resolution, data.v2.InterpolationMode[mode.upper()])
+    transform = transform_from_args(args)
     with accelerator.main_process_first():
         rows = data.load_train_dataset(args)
     rows = rows.select(range(min(args.num_samples, len(rows))))
     device = accelerator.device
-    weight_dtype = _DTYPES[args.mixed_precision]
+    weight_dtype = DTYPES[args.mixed_precision]
     models = load_models(args, family)
     freeze_and_place(
         models,
@@ -384,7 +455,7 @@ def evaluate_saved(args: argparse.Namespace, accelerator: Accelerator) -> Fideli
         models,
         family,
         load_samples(rows, data.columns_from_args(args), transform),
-        resolution=resolution,
+        resolution=transform.resolution,
         timesteps_per_sample=args.timesteps_per_sample,
         seed=args.seed,
         crop_override=crop_override_from_args(args),

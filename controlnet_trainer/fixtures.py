@@ -8,6 +8,7 @@ their UNets.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
 from pathlib import Path
@@ -104,6 +105,72 @@ def build_fill_dataset(path: str | Path, num_rows: int = 200, size: int = 64, se
     out_file = path / "data" / "train-00000-of-00001.parquet"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     dataset.to_parquet(str(out_file))
+    return path
+
+
+FILL_KEYS = ("image", "conditioning_image", "text")
+
+
+def _fill_samples(num_rows: int, size: int, seed: int) -> list[FillSample]:
+    """The rows build_fill_dataset writes for the same arguments, in the same order."""
+    rng = np.random.default_rng(seed)
+    return [fill_sample(rng, size) for _ in range(num_rows)]
+
+
+def write_fill_folder(
+    path: str | Path,
+    num_rows: int = 200,
+    size: int = 64,
+    seed: int = 0,
+    metadata: str = "jsonl",
+    keys: tuple[str, str, str] = FILL_KEYS,
+) -> Path:
+    """The fill rows as PNG files under images/ and conditioning/ plus metadata.jsonl or metadata.csv.
+
+    ``keys`` name the metadata's image, conditioning image and caption fields, e.g.
+    ("file_name", "conditioning_file_name", "text") for the imagefolder convention. Paths in the
+    metadata are relative to ``path``, as users write them.
+    """
+    if metadata not in ("jsonl", "csv"):
+        raise ValueError(f"metadata must be 'jsonl' or 'csv', got {metadata!r}")
+    path = Path(path)
+    for folder in ("images", "conditioning"):
+        (path / folder).mkdir(parents=True, exist_ok=True)
+    image_key, conditioning_key, caption_key = keys
+    rows = []
+    for index, sample in enumerate(_fill_samples(num_rows, size, seed)):
+        image, conditioning = f"images/{index}.png", f"conditioning/{index}.png"
+        sample.image.save(path / image)
+        sample.conditioning_image.save(path / conditioning)
+        rows.append({image_key: image, conditioning_key: conditioning, caption_key: sample.text})
+    if metadata == "jsonl":
+        (path / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    else:
+        with open(path / "metadata.csv", "w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=list(keys))
+            writer.writeheader()
+            writer.writerows(rows)
+    return path
+
+
+def write_fill_saved(
+    path: str | Path, num_rows: int = 200, size: int = 64, seed: int = 0, *, dict_format: bool = True
+) -> Path:
+    """The fill rows written by save_to_disk: a DatasetDict with a train split, or a bare Dataset."""
+    path = Path(path)
+    samples = _fill_samples(num_rows, size, seed)
+    features = datasets.Features(
+        {"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")}
+    )
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image": [s.image for s in samples],
+            "conditioning_image": [s.conditioning_image for s in samples],
+            "text": [s.text for s in samples],
+        },
+        features=features,
+    )
+    (datasets.DatasetDict({"train": dataset}) if dict_format else dataset).save_to_disk(str(path))
     return path
 
 

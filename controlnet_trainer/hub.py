@@ -12,6 +12,8 @@ from .plan import TrainPlan
 
 logger = logging.getLogger(__name__)
 
+SINGLE_FILE = "controlnet.safetensors"  # --save_single_file: the original ControlNet layout
+CURVES_FILE = "training_curves.png"
 # Resumable state is large and only useful to this run; the upload carries the model alone.
 UPLOAD_IGNORE = ["checkpoint-*", ".checkpoint-*", "checkpoint-*/**", ".checkpoint-*/**"]
 
@@ -39,6 +41,7 @@ def model_description(args: argparse.Namespace, plan: TrainPlan, family: str, im
         f'pipe = {pipeline}.from_pretrained("{args.pretrained_model_name_or_path}", controlnet=controlnet)',
         "```",
     ]
+    lines += ["", "## Training curves", "", f"![training curves]({CURVES_FILE})"]
     if args.validation_prompt:
         lines += ["", "## Validation", "", "Prompts: " + "; ".join(args.validation_prompt)]
         lines += [f"![validation]({image})" for image in images]

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,7 @@ class TrainPlan:
     @property
     def weight_dtype(self) -> torch.dtype:
         """dtype of the frozen models; the ControlNet keeps fp32 master weights."""
-        return _DTYPES[self.mixed_precision]
+        return DTYPES[self.mixed_precision]
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self) | {"weight_dtype": str(self.weight_dtype)}

@@ -6,6 +6,7 @@ run's ``metrics.jsonl``; non-finite floats arrive there as strings ("nan", "inf"
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,45 +80,61 @@ def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(FONT_SIZE) if features.check("freetype2") else ImageFont.load_default()
 
 
-def _draw_panel(points: list[Point], title: str, colour: tuple[int, int, int], *, smooth: bool) -> Image.Image:
-    """One chart: axes with ticks and a grid; raw + EMA lines if ``smooth``, else a line with dots."""
-    image = Image.new("RGB", PANEL_SIZE, BACKGROUND)
-    draw, font = ImageDraw.Draw(image), _font()
-    left, top, right, bottom = MARGINS[0], MARGINS[1], PANEL_SIZE[0] - MARGINS[2], PANEL_SIZE[1] - MARGINS[3]
-    draw.text(((left + right) / 2, 8), title, fill=INK, font=font, anchor="mt")
-    draw.text(((left + right) / 2, PANEL_SIZE[1] - 6), "step", fill=INK, font=font, anchor="mb")
-    if not points:
-        draw.rectangle([(left, top), (right, bottom)], outline=INK)
-        draw.text(((left + right) / 2, (top + bottom) / 2), "no finite values", fill=INK, font=font, anchor="mm")
-        return image
-    # A lone step gets its neighbours; a flat value a tenth of itself (or 0.001 at zero).
-    x_low, x_high = _span([p[0] for p in points], pad=1.0)
-    y_low, y_high = _span([p[1] for p in points], pad=max(0.1 * abs(points[0][1]), 1e-3))
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+    """Where a panel's data range lands in pixels."""
 
-    def pixel(step: float, value: float) -> Point:
+    box: tuple[int, int, int, int]  # left, top, right, bottom of the plot frame
+    x_range: tuple[float, float]
+    y_range: tuple[float, float]
+
+    def pixel(self, step: float, value: float) -> Point:
         # Inset so that lines and dots at the extremes do not sit on the frame.
+        (left, top, right, bottom), (x_low, x_high), (y_low, y_high) = self.box, self.x_range, self.y_range
         return (
             left + INSET + (step - x_low) / (x_high - x_low) * (right - left - 2 * INSET),
             bottom - INSET - (value - y_low) / (y_high - y_low) * (bottom - top - 2 * INSET),
         )
 
+
+def _draw_axes(draw: ImageDraw.ImageDraw, frame: _Frame, font) -> None:
+    """Frame, horizontal grid with value labels, step ticks below, and a zero line when 0 is in range."""
+    (left, top, right, bottom), (x_low, x_high), (y_low, y_high) = frame.box, frame.x_range, frame.y_range
     for tick in _nice_ticks(y_low, y_high):
-        y = pixel(x_low, tick)[1]
+        y = frame.pixel(x_low, tick)[1]
         draw.line([(left, y), (right, y)], fill=GRID)
         draw.text((left - 6, y), _label(tick), fill=INK, font=font, anchor="rm")
     for tick in _nice_ticks(x_low, x_high, integer=True):
-        x = pixel(tick, y_low)[0]
+        x = frame.pixel(tick, y_low)[0]
         draw.line([(x, bottom), (x, bottom + 4)], fill=INK)
         draw.text((x, bottom + 6), _label(tick), fill=INK, font=font, anchor="mt")
     draw.rectangle([(left, top), (right, bottom)], outline=INK)
     if y_low < 0 < y_high:
-        draw.line([pixel(x_low, 0), pixel(x_high, 0)], fill=ZERO)
+        draw.line([frame.pixel(x_low, 0), frame.pixel(x_high, 0)], fill=ZERO)
 
+
+def _draw_panel(points: list[Point], title: str, colour: tuple[int, int, int], *, smooth: bool) -> Image.Image:
+    """One chart: raw + EMA lines if ``smooth`` (the loss), else a line with dots (sparse evaluations)."""
+    image = Image.new("RGB", PANEL_SIZE, BACKGROUND)
+    draw, font = ImageDraw.Draw(image), _font()
+    box = (MARGINS[0], MARGINS[1], PANEL_SIZE[0] - MARGINS[2], PANEL_SIZE[1] - MARGINS[3])
+    centre = (box[0] + box[2]) / 2
+    draw.text((centre, 8), title, fill=INK, font=font, anchor="mt")
+    draw.text((centre, PANEL_SIZE[1] - 6), "step", fill=INK, font=font, anchor="mb")
+    if not points:
+        draw.rectangle(box, outline=INK)
+        draw.text((centre, (box[1] + box[3]) / 2), "no finite values", fill=INK, font=font, anchor="mm")
+        return image
+    # A lone step gets its neighbours; a flat value a tenth of itself (or 0.001 at zero).
+    x_range = _span([p[0] for p in points], pad=1.0)
+    y_range = _span([p[1] for p in points], pad=max(0.1 * abs(points[0][1]), 1e-3))
+    frame = _Frame(box, x_range, y_range)
+    _draw_axes(draw, frame, font)
     if smooth:
-        _polyline(draw, [pixel(*p) for p in points], RAW_LOSS, width=1, dots=len(points) == 1)
-        _polyline(draw, [pixel(*p) for p in _ema(points)], colour, width=2, dots=len(points) == 1)
+        _polyline(draw, [frame.pixel(*p) for p in points], RAW_LOSS, width=1, dots=len(points) == 1)
+        _polyline(draw, [frame.pixel(*p) for p in _ema(points)], colour, width=2, dots=len(points) == 1)
     else:
-        _polyline(draw, [pixel(*p) for p in points], colour, width=2, dots=True)
+        _polyline(draw, [frame.pixel(*p) for p in points], colour, width=2, dots=True)
     return image
 
 

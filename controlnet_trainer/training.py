@@ -18,7 +18,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broa
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from . import checkpointing, data, hub, tracking, validation
+from . import checkpointing, data, export, fidelity, hub, plots, tracking, validation
 from .checkpointing import TrainingProgress
 from .errors import InputError
 from .family import ModelFamily, TextConditioning, crop_override_from_args, unet_added_conditioning
@@ -55,7 +55,8 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     with accelerator.main_process_first():
-        rows = data.select_samples(data.load_train_dataset(args), args.max_train_samples, seed)
+        rows, held_out = fidelity.heldout_rows(args, data.load_train_dataset(args), seed)
+        rows = data.select_samples(rows, args.max_train_samples, seed)
     plan = make_plan(
         args,
         num_samples=len(rows),
@@ -76,7 +77,13 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         custom_vae=bool(getattr(args, "pretrained_vae_model_name_or_path", None)),
     )
     enable_memory_options(args, models, accelerator.device)
-    dataset = data.ControlNetDataset(rows, data.columns_from_args(args), make_transform(args))
+    transform = make_transform(args)
+    dataset = data.ControlNetDataset(rows, data.columns_from_args(args), transform)
+    probe = None
+    if held_out is not None:
+        probe = fidelity.probe_for_training(
+            args, held_out, models, family, transform=transform, weight_dtype=plan.weight_dtype, seed=seed
+        )
     loader = data.make_dataloader(
         dataset, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers
     )
@@ -105,10 +112,12 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         tracking.write_options(output_dir, args, plan, family.name)
     accelerator.init_trackers(args.tracker_project_name, config=tracking.tracker_config(args, plan))
     log_plan(accelerator, plan, progress)
+    if probe is not None and progress.global_step == 0:
+        metrics.log(probe.evaluate(models.controlnet, accelerator=accelerator).to_metrics(), step=0)
 
     with stop_on_signals() as stop:
         progress, stopped = train_loop(
-            accelerator, args, family, models, plan, loader, optimizer, lr_scheduler, progress, metrics, stop
+            accelerator, args, family, models, plan, loader, optimizer, lr_scheduler, progress, metrics, stop, probe
         )
     if not stopped:
         finish(accelerator, args, family, models, plan)
@@ -209,7 +218,7 @@ def micro_batch_loss(batch, models, family, args, plan, generators) -> torch.Ten
 
 
 def train_loop(
-    accelerator, args, family, models, plan, loader, optimizer, lr_scheduler, progress, metrics, stop
+    accelerator, args, family, models, plan, loader, optimizer, lr_scheduler, progress, metrics, stop, probe
 ) -> tuple[TrainingProgress, bool]:
     """Optimizer steps until max_train_steps or a stop signal; returns (progress, stopped)."""
     output_dir = Path(args.output_dir)
@@ -261,6 +270,10 @@ def train_loop(
                         path,
                     )
                     return progress, True
+            fidelity_every = args.fidelity_steps or args.validation_steps
+            if probe is not None and (progress.global_step % fidelity_every == 0 or last_step):
+                result = probe.evaluate(models.controlnet, accelerator=accelerator)
+                metrics.log(result.to_metrics(), step=progress.global_step)
             if progress.global_step % args.validation_steps == 0 or last_step:
                 validation.run_validation(
                     accelerator=accelerator,
@@ -312,7 +325,11 @@ def finish(accelerator, args, family, models, plan) -> None:
     if not accelerator.is_main_process:
         return
     output_dir = Path(args.output_dir)
-    hub.save_final_model(accelerator.unwrap_model(models.controlnet), output_dir)
+    controlnet = accelerator.unwrap_model(models.controlnet)
+    hub.save_final_model(controlnet, output_dir)
+    if args.save_single_file:
+        export.save_single_file(controlnet, output_dir / hub.SINGLE_FILE)
+    plots.plot_training_curves(tracking.read_metrics(output_dir), output_dir / hub.CURVES_FILE)
     hub.write_model_card(output_dir, args, plan, family.name)
     if args.push_to_hub:
         hub.push_to_hub(output_dir, args)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -54,7 +55,8 @@ def build_pipeline(family: ModelFamily, models: Models, controlnet, device: torc
         components[tok_name] = tokenizer
         components[enc_name] = encoder
     components["scheduler"] = UniPCMultistepScheduler.from_config(models.noise_scheduler.config)
-    pipeline = family.pipeline_class(**components, **dict(family.pipeline_extras))
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    pipeline = pipeline_class(**components, **dict(family.pipeline_extras))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 

@@ -59,10 +59,14 @@ def test_output_tree_and_final_model_generates(assets, tmp_path):
             num_validation_images=2,
             validation_steps=1,
             hub_token="hf_secret_value",
+            save_single_file=True,
         )
     )
     names = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "diffusion_pytorch_model.safetensors", "README.md", "metrics.jsonl"} <= names
+    assert {"controlnet.safetensors", "training_curves.png"} <= names
+    single = load_file(tmp_path / "controlnet.safetensors")
+    assert "control_model.input_hint_block.0.weight" in single and len(single) == len(final_weights(tmp_path))
     assert {"training_options.json", "validation"} <= names
     # Validation ran at step 1 and at the last step; each grid is conditioning + 2 images wide.
     grids = sorted((tmp_path / "validation").glob("*.png"))

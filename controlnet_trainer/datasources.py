@@ -1,0 +1,287 @@
+"""Where the training rows come from: every form users keep ControlNet data in.
+
+1. A hub id or a local dataset directory that ``datasets.load_dataset`` reads (parquet, arrow,
+   csv, json files; imagefolder).
+2. A directory written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``.
+3. A folder of images with a ``metadata.jsonl`` or ``metadata.csv`` naming, per row, the image
+   file, the conditioning image file and the caption. ``load_dataset("imagefolder")`` would only
+   turn the first into an image and leave the conditioning column as path strings relative to a
+   folder nobody knows later, which is where diffusers' script crashes; here both become images
+   read from paths resolved against the folder, and every file is checked before training.
+
+Only the train split is returned; data.py checks its columns.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+
+from . import data
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+# imagefolder's name for the image path, and the names people use beside it for the conditioning image.
+IMAGE_ALIASES = ("file_name",)
+CONDITIONING_ALIASES = ("conditioning_image_file_name", "conditioning_file_name")
+
+
+def load_rows(
+    source: str,
+    *,
+    config_name: str | None,
+    cache_dir: str | None,
+    columns: data.Columns,
+    flag: str = "--dataset_name",
+) -> datasets.Dataset:
+    """The train split of ``source`` (--dataset_name or --train_data_dir, named by ``flag``)."""
+    local = _local_path(source, flag)
+    if local is None:
+        return _train_split(_load_dataset(source, config_name, cache_dir), source)
+    if _is_saved_dataset(local):
+        _refuse_config_name(config_name, "a dataset written by save_to_disk")
+        return _load_saved(local, source)
+    metadata = _find_metadata(local)
+    if metadata is not None:
+        _refuse_config_name(config_name, f"a folder described by {metadata.name}")
+        return load_metadata_folder(metadata, columns)
+    return _train_split(_load_local_dataset(local, config_name, cache_dir), source)
+
+
+def _local_path(source: str, flag: str) -> Path | None:
+    """The local path ``source`` names, or None for a hub id; a missing local path is an error."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if flag == "--train_data_dir" or source.startswith((".", "/", "~")):
+        raise data.DataError(f"`{flag}` points to {source!r}, which does not exist. Check the path.")
+    return None
+
+
+def _refuse_config_name(config_name: str | None, what: str) -> None:
+    if config_name is not None:
+        raise data.DataError(
+            f"`--dataset_config_name={config_name}` has no meaning for {what}, which has a single "
+            "configuration. Drop the flag."
+        )
+
+
+def _train_split(loaded: datasets.DatasetDict | datasets.Dataset, source: str) -> datasets.Dataset:
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if "train" not in loaded:
+        raise data.DataError(
+            f"Dataset {source!r} has no 'train' split (it has {sorted(loaded)}); put the training "
+            "rows in a split named train."
+        )
+    return loaded["train"]
+
+
+def _load_dataset(path: str, config_name: str | None, cache_dir: str | None, **options) -> datasets.DatasetDict:
+    try:
+        # Datasets 4+ never runs a dataset's own loading script, so no remote code is executed.
+        return datasets.load_dataset(path, config_name, cache_dir=cache_dir, **options)
+    except ValueError as error:
+        if "corresponds to no data" in str(error):
+            raise data.DataError(f"Dataset {path!r} has no rows in its train split; add training data.") from error
+        raise
+
+
+def _load_local_dataset(path: Path, config_name: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+    """load_dataset on a local directory, rebuilt when its cache is older than the files."""
+    loaded = _load_dataset(str(path), config_name, cache_dir)
+    # With a README (or .huggingface.yaml) declaring `configs:`, datasets keys the cache by the
+    # folder and config names alone, so a folder rebuilt in place would silently load old rows.
+    if _has_dataset_card(path) and _newest_mtime(_walk(path)) > _oldest_cache_mtime(loaded):
+        loaded = _load_dataset(
+            str(path), config_name, cache_dir, download_mode=datasets.DownloadMode.FORCE_REDOWNLOAD
+        )
+    return loaded
+
+
+def _has_dataset_card(path: Path) -> bool:
+    return (path / "README.md").is_file() or (path / ".huggingface.yaml").is_file()
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    """Every file and folder under ``root``, skipping hidden ones (caches, .git)."""
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        yield Path(folder)
+        yield from (Path(folder, name) for name in files if not name.startswith("."))
+
+
+def _newest_mtime(paths: Iterable[Path]) -> float:
+    # Folders count too: deleting or renaming a file only changes its folder's mtime.
+    return max((path.stat().st_mtime for path in paths), default=0.0)
+
+
+def _oldest_cache_mtime(loaded: datasets.DatasetDict) -> float:
+    files = [Path(entry["filename"]) for split in loaded.cache_files.values() for entry in split]
+    return min((path.stat().st_mtime for path in files if path.exists()), default=float("inf"))
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    if (path / datasets.config.DATASETDICT_JSON_FILENAME).is_file():
+        return True
+    return (path / datasets.config.DATASET_STATE_JSON_FILENAME).is_file() and (
+        path / datasets.config.DATASET_INFO_FILENAME
+    ).is_file()
+
+
+def _load_saved(path: Path, source: str) -> datasets.Dataset:
+    # Memory-mapped from the saved arrow files, which are the data itself: no cache to go stale.
+    return _train_split(datasets.load_from_disk(str(path)), source)
+
+
+def _find_metadata(folder: Path) -> Path | None:
+    """The metadata file of an image folder, at its root or in a train/ split folder as imagefolder allows."""
+    if not folder.is_dir():
+        return None
+    for base in (folder, folder / "train"):
+        for name in METADATA_FILES:
+            if (base / name).is_file():
+                return base / name
+    return None
+
+
+def load_metadata_folder(metadata: Path, columns: data.Columns) -> datasets.Dataset:
+    """Rows of a metadata file; image paths resolved against its folder, checked and read as images.
+
+    The Dataset is built here rather than by load_dataset("imagefolder"), so there is no cache
+    that could serve rows of an earlier version of the folder.
+    """
+    lines, rows = _read_metadata(metadata)
+    if not rows:
+        raise data.DataError(f"{metadata} lists no rows; add one row per training example.")
+    table = _columns_of(rows, columns)
+    image_columns = [name for name in (columns.image, columns.conditioning_image) if name in table]
+    folder = metadata.parent.resolve()
+    for name in image_columns:
+        table[name] = [_resolve(folder, value) for value in table[name]]
+    _check_files(table, image_columns, lines, metadata)
+    _check_captions(table, columns.caption, lines, metadata)
+    try:
+        dataset = datasets.Dataset.from_dict(table)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
+        raise data.DataError(
+            f"{metadata} mixes value types within one field ({error}); give every row the same "
+            "kind of value per field, e.g. a string caption or a list of strings in all rows."
+        ) from error
+    # Image features decode (and apply EXIF orientation) exactly as for a parquet dataset.
+    for name in image_columns:
+        dataset = dataset.cast_column(name, datasets.Image())
+    return dataset
+
+
+def _read_metadata(metadata: Path) -> tuple[list[int], list[dict]]:
+    """(line number of each row, rows); line numbers point users at the row to fix."""
+    if metadata.suffix == ".csv":
+        return _read_csv(metadata)
+    return _read_jsonl(metadata)
+
+
+def _read_jsonl(metadata: Path) -> tuple[list[int], list[dict]]:
+    lines, rows = [], []
+    with open(metadata, encoding="utf-8") as file:
+        for number, text in enumerate(file, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise data.DataError(
+                    f"{metadata} line {number} is not valid JSON ({error.msg}); write one JSON object per line."
+                ) from error
+            if not isinstance(row, dict):
+                raise data.DataError(
+                    f"{metadata} line {number} is a {type(row).__name__}, not a JSON object; write one "
+                    'object per line, e.g. {"image": "images/0.png", "conditioning_image": '
+                    '"conditioning/0.png", "text": "a caption"}.'
+                )
+            lines.append(number)
+            rows.append(row)
+    return lines, rows
+
+
+def _read_csv(metadata: Path) -> tuple[list[int], list[dict]]:
+    # CSV has no types, so every value stays a string: a caption like "1984" is not turned into a
+    # number. utf-8-sig drops the byte-order mark spreadsheet programs write.
+    lines, rows = [], []
+    with open(metadata, newline="", encoding="utf-8-sig") as file:
+        reader = csv.DictReader(file)
+        for row in reader:
+            if None in row:
+                raise data.DataError(
+                    f"{metadata} line {reader.line_num} has more fields than the header "
+                    f"{reader.fieldnames}; quote values that contain commas."
+                )
+            lines.append(reader.line_num)
+            rows.append(row)
+    return lines, rows
+
+
+def _columns_of(rows: list[dict], columns: data.Columns) -> dict[str, list]:
+    """Column-wise values over the union of the rows' fields, imagefolder names mapped to ours."""
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    renames = _alias_renames(names, columns)
+    return {renames.get(name, name): [row.get(name) for row in rows] for name in names}
+
+
+def _alias_renames(names: list[str], columns: data.Columns) -> dict[str, str]:
+    renames = {}
+    for target, aliases in ((columns.image, IMAGE_ALIASES), (columns.conditioning_image, CONDITIONING_ALIASES)):
+        if target in names:
+            continue
+        alias = next((name for name in aliases if name in names), None)
+        if alias is not None:
+            renames[alias] = target
+    return renames
+
+
+def _resolve(folder: Path, value: object) -> object:
+    """An absolute path string; a missing or non-text value is kept for the check to report."""
+    if not isinstance(value, str) or not value:
+        return value
+    return os.path.normpath(folder / Path(value).expanduser())
+
+
+def _check_files(table: dict[str, list], image_columns: list[str], lines: list[int], metadata: Path) -> None:
+    """Fail before training, naming the first missing file and how many there are."""
+    missing = [
+        (row, name, value)
+        for name in image_columns
+        for row, value in enumerate(table[name])
+        if not (isinstance(value, str) and os.path.isfile(value))
+    ]
+    if not missing:
+        return
+    row, name, value = min(missing, key=lambda entry: entry[0])
+    total = len(image_columns) * len(lines)
+    if isinstance(value, str):
+        problem = f"names {value!r} in `{name}`, which does not exist"
+    else:
+        problem = f"has no file path in `{name}` (got {value!r})"
+    raise data.DataError(
+        f"{metadata.name} row {row} (line {lines[row]}) {problem}; {len(missing)} of {total} image "
+        f"files listed in {metadata} are missing. Relative paths are read from {metadata.parent}; "
+        "fix the paths or add the files."
+    )
+
+
+def _check_captions(table: dict[str, list], caption: str, lines: list[int], metadata: Path) -> None:
+    """A row without a caption would only fail at tokenisation, mid-training."""
+    values = table.get(caption)
+    if values is None:
+        return  # data.check_columns names the missing column and the flag
+    row = next((row for row, value in enumerate(values) if value is None), None)
+    if row is not None:
+        raise data.DataError(
+            f"{metadata.name} row {row} (line {lines[row]}) has no caption in `{caption}`; give every "
+            'row a caption (use "" for none).'
+        )
