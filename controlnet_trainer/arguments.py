@@ -202,6 +202,25 @@ def _speed_group(parser: argparse.ArgumentParser) -> None:
         help="Set gradients to None instead of zero after each step (saves memory).",
     )
     group.add_argument("--dataloader_num_workers", type=int, default=0)
+    group.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image with the VAE once before training (posterior mean and std; a fresh "
+        "sample is still drawn every step) and keep the VAE off the accelerator until validation.",
+    )
+    group.add_argument(
+        "--cache_text_embeddings",
+        action="store_true",
+        help="Encode every distinct caption (and the empty prompt used by prompt dropout) once before "
+        "training and keep the text encoders off the accelerator until validation.",
+    )
+    group.add_argument(
+        "--embeddings_cache_dir",
+        type=str,
+        default=None,
+        help="Where cached embeddings live (default: <--cache_dir or ~/.cache/huggingface>/"
+        "controlnet_trainer). Reused by later runs with the same models, data and resolution.",
+    )
 
 
 def _data_group(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import os
 from collections.abc import Sequence
 
@@ -113,43 +114,73 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 
 
 @dataclasses.dataclass(frozen=True)
-class PairedTransform:
-    """Resize + centre crop applied identically to image and conditioning image.
+class Geometry:
+    """Where an image of ``original_size`` lands: resized size, then the crop taken from it."""
 
-    Returns the crop actually made so SDXL's time ids can describe each image truly.
+    original_size: tuple[int, int]  # (height, width)
+    resized_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedTransform:
+    """Resize (short side to ``resolution``) + centre crop, identical for image and conditioning.
+
+    The geometry is computed once from the image's size and applied to both, so outlines stay on
+    the edges they describe even when the conditioning image is stored at another size; SDXL's
+    time ids report the crop actually made.
     """
 
     resolution: int
     interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR
 
-    def __call__(self, image: Image.Image, conditioning: Image.Image) -> dict:
-        original_size = (image.height, image.width)
-        image = F.resize(F.to_image(image), self.resolution, interpolation=self.interpolation, antialias=True)
-        height, width = image.shape[-2:]
-        # The conditioning image follows the image's geometry exactly, even if it was stored at
-        # another size, so outlines stay on the edges they describe.
-        conditioning = F.resize(
-            F.to_image(conditioning), [height, width], interpolation=self.interpolation, antialias=True
+    def geometry(self, height: int, width: int) -> Geometry:
+        # The same arithmetic as torchvision's resize to a single size (short side).
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.resolution * long / short)
+        new_height, new_width = (new_long, self.resolution) if width <= height else (self.resolution, new_long)
+        top = int(round((new_height - self.resolution) / 2.0))
+        left = int(round((new_width - self.resolution) / 2.0))
+        return Geometry((height, width), (new_height, new_width), (top, left))
+
+    def _place(self, image: Image.Image, geometry: Geometry) -> torch.Tensor:
+        resized = F.resize(
+            F.to_image(image), list(geometry.resized_size), interpolation=self.interpolation, antialias=True
         )
-        top = int(round((height - self.resolution) / 2.0))
-        left = int(round((width - self.resolution) / 2.0))
-        image = F.crop(image, top, left, self.resolution, self.resolution)
-        conditioning = F.crop(conditioning, top, left, self.resolution, self.resolution)
+        cropped = F.crop(resized, *geometry.crop_top_left, self.resolution, self.resolution)
+        return F.to_dtype(cropped, torch.float32, scale=True)
+
+    def __call__(self, image: Image.Image, conditioning: Image.Image) -> dict:
+        geometry = self.geometry(image.height, image.width)
+        return self.conditioning_only(conditioning, geometry) | {
+            "pixel_values": self._place(image, geometry) * 2.0 - 1.0
+        }
+
+    def conditioning_only(self, conditioning: Image.Image, geometry: Geometry) -> dict:
+        """Everything but the target image, for runs whose latents are cached."""
         return {
-            "pixel_values": F.to_dtype(image, torch.float32, scale=True) * 2.0 - 1.0,
-            "conditioning_pixel_values": F.to_dtype(conditioning, torch.float32, scale=True),
-            "original_size": original_size,
-            "crop_top_left": (top, left),
+            "conditioning_pixel_values": self._place(conditioning, geometry),
+            "original_size": geometry.original_size,
+            "crop_top_left": geometry.crop_top_left,
         }
 
 
 class ControlNetDataset(torch.utils.data.Dataset):
-    """Rows of a datasets.Dataset as tensors; captions always come back as a list."""
+    """Rows of a datasets.Dataset as tensors; captions always come back as a list.
 
-    def __init__(self, rows: datasets.Dataset, columns: Columns, transform: PairedTransform):
+    With ``with_image=False`` the target image is never decoded (its latents are cached): only
+    its header is read, for the geometry.
+    """
+
+    def __init__(
+        self, rows: datasets.Dataset, columns: Columns, transform: PairedTransform, *, with_image: bool = True
+    ):
+        if not with_image and isinstance(rows.features.get(columns.image), datasets.Image):
+            rows = rows.cast_column(columns.image, datasets.Image(decode=False))
         self.rows = rows
         self.columns = columns
         self.transform = transform
+        self.with_image = with_image
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -157,10 +188,13 @@ class ControlNetDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         # Photos with transparency usually sit on white; control maps (edges, poses) on black.
-        image = to_rgb(_open(row[self.columns.image]), (255, 255, 255))
         conditioning = to_rgb(_open(row[self.columns.conditioning_image]), (0, 0, 0))
+        image = _open(row[self.columns.image])
+        if self.with_image:
+            sample = self.transform(to_rgb(image, (255, 255, 255)), conditioning)
+        else:
+            sample = self.transform.conditioning_only(conditioning, self.transform.geometry(image.height, image.width))
         caption = row[self.columns.caption]
-        sample = self.transform(image, conditioning)
         sample["captions"] = [caption] if isinstance(caption, str) else list(caption)
         sample["index"] = index
         return sample
@@ -172,22 +206,24 @@ def _open(value: object) -> Image.Image:
         return value
     if isinstance(value, str):
         return Image.open(value)
+    if isinstance(value, dict) and value.get("bytes"):
+        return Image.open(io.BytesIO(value["bytes"]))
     if isinstance(value, dict) and value.get("path"):
         return Image.open(value["path"])
     raise DataError(f"Expected an image or an image path, got {type(value).__name__}.")
 
 
 def collate(samples: Sequence[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([s["pixel_values"] for s in samples]).contiguous(),
-        "conditioning_pixel_values": torch.stack(
-            [s["conditioning_pixel_values"] for s in samples]
-        ).contiguous(),
+    batch = {
+        "conditioning_pixel_values": torch.stack([s["conditioning_pixel_values"] for s in samples]).contiguous(),
         "original_size": torch.tensor([s["original_size"] for s in samples]),
         "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples]),
         "captions": [s["captions"] for s in samples],
         "index": torch.tensor([s["index"] for s in samples]),
     }
+    if "pixel_values" in samples[0]:
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples]).contiguous()
+    return batch
 
 
 def make_dataloader(
@@ -205,13 +241,22 @@ def make_dataloader(
     )
 
 
-def choose_prompts(
+def choose_captions(
     captions: Sequence[Sequence[str]], proportion_empty: float, generator: torch.Generator
-) -> list[str]:
-    """One caption per sample (random among several), replaced by "" with the given chance."""
-    prompts = []
+) -> list[int]:
+    """Per sample, the index of the caption to use (random among several), or -1 for the empty
+    prompt, which replaces a caption with probability ``proportion_empty``."""
+    picks = []
     for options in captions:
         pick = int(torch.randint(len(options), (1,), generator=generator)) if len(options) > 1 else 0
         dropped = float(torch.rand((), generator=generator)) < proportion_empty
-        prompts.append("" if dropped else options[pick])
-    return prompts
+        picks.append(-1 if dropped else pick)
+    return picks
+
+
+def choose_prompts(
+    captions: Sequence[Sequence[str]], proportion_empty: float, generator: torch.Generator
+) -> list[str]:
+    """The prompt strings of ``choose_captions``."""
+    picks = choose_captions(captions, proportion_empty, generator)
+    return ["" if pick < 0 else options[pick] for options, pick in zip(captions, picks)]

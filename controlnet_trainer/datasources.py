@@ -15,8 +15,10 @@ Only the train split is returned; data.py checks its columns.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -43,6 +45,12 @@ def load_rows(
     local = _local_path(source, flag)
     if local is None:
         return _train_split(_load_dataset(source, config_name, cache_dir), source)
+    if local.is_file() and local.name not in METADATA_FILES:
+        raise data.DataError(
+            f"`{flag}` points to the file {source!r}; point it at the folder holding the data: a "
+            "dataset folder (parquet, arrow, csv or json files), a folder written by save_to_disk, "
+            f"or a folder of images with one of {list(METADATA_FILES)}."
+        )
     if _is_saved_dataset(local):
         _refuse_config_name(config_name, "a dataset written by save_to_disk")
         return _load_saved(local, source)
@@ -50,7 +58,7 @@ def load_rows(
     if metadata is not None:
         _refuse_config_name(config_name, f"a folder described by {metadata.name}")
         return load_metadata_folder(metadata, columns)
-    return _train_split(_load_local_dataset(local, config_name, cache_dir), source)
+    return _load_local_dataset(local, source, config_name, cache_dir)
 
 
 def _local_path(source: str, flag: str) -> Path | None:
@@ -92,16 +100,22 @@ def _load_dataset(path: str, config_name: str | None, cache_dir: str | None, **o
         raise
 
 
-def _load_local_dataset(path: Path, config_name: str | None, cache_dir: str | None) -> datasets.DatasetDict:
+def _load_local_dataset(path: Path, source: str, config_name: str | None, cache_dir: str | None) -> datasets.Dataset:
     """load_dataset on a local directory, rebuilt when its cache is older than the files."""
     loaded = _load_dataset(str(path), config_name, cache_dir)
     # With a README (or .huggingface.yaml) declaring `configs:`, datasets keys the cache by the
     # folder and config names alone, so a folder rebuilt in place would silently load old rows.
-    if _has_dataset_card(path) and _newest_mtime(_walk(path)) > _oldest_cache_mtime(loaded):
-        loaded = _load_dataset(
-            str(path), config_name, cache_dir, download_mode=datasets.DownloadMode.FORCE_REDOWNLOAD
-        )
-    return loaded
+    if not _has_dataset_card(path):
+        return _train_split(loaded, source)
+    if _newest_mtime(_walk(path)) > _oldest_cache_mtime(loaded):
+        loaded = _load_dataset(str(path), config_name, cache_dir, download_mode=datasets.DownloadMode.FORCE_REDOWNLOAD)
+    train = _train_split(loaded, source)
+    # The rebuilt cache keeps its path and so its fingerprint; tie the fingerprint to when the
+    # cache was written, so caches keyed by it (datasets' own, --cache_latents) see the new rows.
+    files = [entry["filename"] for entry in train.cache_files]
+    if not files:
+        return train  # held in memory: nothing on disk was reused
+    return _with_fingerprint(train, _digest([(name, _signature(name)) for name in files]))
 
 
 def _has_dataset_card(path: Path) -> bool:
@@ -126,6 +140,26 @@ def _oldest_cache_mtime(loaded: datasets.DatasetDict) -> float:
     return min((path.stat().st_mtime for path in files if path.exists()), default=float("inf"))
 
 
+def _signature(path: object) -> tuple[int, int] | None:
+    """(size, mtime in ns) of a regular file, None where there is none."""
+    if not isinstance(path, (str, Path)):
+        return None  # os.stat would take an integer for a file descriptor
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):  # ValueError: a NUL in the path
+        return None
+    return (status.st_size, status.st_mtime_ns) if stat.S_ISREG(status.st_mode) else None
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _with_fingerprint(dataset: datasets.Dataset, fingerprint: str) -> datasets.Dataset:
+    # Selecting the full contiguous range slices the table without copying it.
+    return dataset.select(range(len(dataset)), new_fingerprint=fingerprint)
+
+
 def _is_saved_dataset(path: Path) -> bool:
     if (path / datasets.config.DATASETDICT_JSON_FILENAME).is_file():
         return True
@@ -139,11 +173,11 @@ def _load_saved(path: Path, source: str) -> datasets.Dataset:
     return _train_split(datasets.load_from_disk(str(path)), source)
 
 
-def _find_metadata(folder: Path) -> Path | None:
-    """The metadata file of an image folder, at its root or in a train/ split folder as imagefolder allows."""
-    if not folder.is_dir():
-        return None
-    for base in (folder, folder / "train"):
+def _find_metadata(path: Path) -> Path | None:
+    """The metadata file itself, or one at a folder's root or in its train/ split folder as imagefolder allows."""
+    if path.is_file():
+        return path
+    for base in (path, path / "train"):
         for name in METADATA_FILES:
             if (base / name).is_file():
                 return base / name
@@ -154,7 +188,9 @@ def load_metadata_folder(metadata: Path, columns: data.Columns) -> datasets.Data
     """Rows of a metadata file; image paths resolved against its folder, checked and read as images.
 
     The Dataset is built here rather than by load_dataset("imagefolder"), so there is no cache
-    that could serve rows of an earlier version of the folder.
+    that could serve rows of an earlier version of the folder, and its fingerprint covers each
+    file's size and write time: an image replaced in place gives a new fingerprint, so caches
+    keyed by it (--cache_latents) are not reused.
     """
     lines, rows = _read_metadata(metadata)
     if not rows:
@@ -162,10 +198,12 @@ def load_metadata_folder(metadata: Path, columns: data.Columns) -> datasets.Data
     table = _columns_of(rows, columns)
     image_columns = [name for name in (columns.image, columns.conditioning_image) if name in table]
     folder = metadata.parent.resolve()
-    for name in image_columns:
-        table[name] = [_resolve(folder, value) for value in table[name]]
-    _check_files(table, image_columns, lines, metadata)
+    resolved = {name: [_resolve(folder, value) for value in table[name]] for name in image_columns}
+    signatures = {name: [_signature(path) for path in paths] for name, paths in resolved.items()}
+    _check_files(metadata, lines, table, resolved, signatures)
+    table.update(resolved)
     _check_captions(table, columns.caption, lines, metadata)
+    fingerprint = _digest([table, signatures])
     try:
         dataset = datasets.Dataset.from_dict(table)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
@@ -176,7 +214,7 @@ def load_metadata_folder(metadata: Path, columns: data.Columns) -> datasets.Data
     # Image features decode (and apply EXIF orientation) exactly as for a parquet dataset.
     for name in image_columns:
         dataset = dataset.cast_column(name, datasets.Image())
-    return dataset
+    return _with_fingerprint(dataset, fingerprint)
 
 
 def _read_metadata(metadata: Path) -> tuple[list[int], list[dict]]:
@@ -251,25 +289,25 @@ def _resolve(folder: Path, value: object) -> object:
     return os.path.normpath(folder / Path(value).expanduser())
 
 
-def _check_files(table: dict[str, list], image_columns: list[str], lines: list[int], metadata: Path) -> None:
-    """Fail before training, naming the first missing file and how many there are."""
+def _check_files(
+    metadata: Path, lines: list[int], table: dict[str, list], resolved: dict[str, list], signatures: dict[str, list]
+) -> None:
+    """Fail before training, naming the first missing file (as written and as looked for) and the count."""
     missing = [
-        (row, name, value)
-        for name in image_columns
-        for row, value in enumerate(table[name])
-        if not (isinstance(value, str) and os.path.isfile(value))
+        (row, name) for name, column in signatures.items() for row, signature in enumerate(column) if signature is None
     ]
     if not missing:
         return
-    row, name, value = min(missing, key=lambda entry: entry[0])
-    total = len(image_columns) * len(lines)
-    if isinstance(value, str):
-        problem = f"names {value!r} in `{name}`, which does not exist"
+    row, name = min(missing, key=lambda entry: entry[0])
+    value, path = table[name][row], resolved[name][row]
+    total = len(signatures) * len(lines)
+    if isinstance(path, str):
+        problem = f"names {value!r} in `{name}`, which does not exist (looked for {path!r})"
     else:
         problem = f"has no file path in `{name}` (got {value!r})"
     raise data.DataError(
         f"{metadata.name} row {row} (line {lines[row]}) {problem}; {len(missing)} of {total} image "
-        f"files listed in {metadata} are missing. Relative paths are read from {metadata.parent}; "
+        f"files listed in {metadata} are missing. Relative paths are read from {metadata.parent.resolve()}; "
         "fix the paths or add the files."
     )
 

@@ -16,9 +16,10 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
-from . import checkpointing, data, export, fidelity, hub, plots, tracking, validation
+from . import cache, checkpointing, data, export, fidelity, hub, plots, tracking, validation
 from .checkpointing import TrainingProgress
 from .errors import InputError
 from .family import ModelFamily, TextConditioning, crop_override_from_args, unet_added_conditioning
@@ -78,12 +79,16 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     )
     enable_memory_options(args, models, accelerator.device)
     transform = make_transform(args)
-    dataset = data.ControlNetDataset(rows, data.columns_from_args(args), transform)
     probe = None
     if held_out is not None:
         probe = fidelity.probe_for_training(
             args, held_out, models, family, transform=transform, weight_dtype=plan.weight_dtype, seed=seed
         )
+    embeddings = cache.prepare_cache(accelerator, args, family, models, rows, transform)
+    offloaded = offload_cached_encoders(args, models)
+    dataset = data.ControlNetDataset(
+        rows, data.columns_from_args(args), transform, with_image=not args.cache_latents
+    )
     loader = data.make_dataloader(
         dataset, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers
     )
@@ -117,7 +122,18 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
 
     with stop_on_signals() as stop:
         progress, stopped = train_loop(
-            accelerator, args, family, models, plan, loader, optimizer, lr_scheduler, progress, metrics, stop, probe
+            accelerator,
+            args,
+            family,
+            models,
+            plan,
+            loader,
+            optimizer,
+            lr_scheduler,
+            progress,
+            metrics,
+            stop,
+            Extras(probe, embeddings, offloaded),
         )
     if not stopped:
         finish(accelerator, args, family, models, plan)
@@ -182,21 +198,31 @@ def step_generators(seed: int, rank: int, epoch: int, batch: int, device: torch.
 
 
 def encode_batch(
-    batch: dict, models: Models, family: ModelFamily, args, plan: TrainPlan, generators
+    batch: dict, models: Models, family: ModelFamily, args, plan: TrainPlan, generators, embeddings=None
 ) -> tuple[torch.Tensor, TextConditioning]:
-    """Latents and prompt embeddings of a batch, from the frozen models."""
+    """Latents and prompt embeddings of a batch, from the cache or the frozen models.
+
+    Both paths make the same random draws in the same order, so caching changes nothing but speed.
+    """
     cpu_generator, device_generator = generators
-    prompts = data.choose_prompts(batch["captions"], args.proportion_empty_prompts, cpu_generator)
+    picks = data.choose_captions(batch["captions"], args.proportion_empty_prompts, cpu_generator)
+    scaling = models.vae.config.scaling_factor
     with torch.no_grad():
-        pixels = batch["pixel_values"].to(models.vae.device, models.vae.dtype, non_blocking=True)
-        posterior = models.vae.encode(pixels).latent_dist
-        latents = posterior.sample(generator=device_generator) * models.vae.config.scaling_factor
-        text = family.encode(models.tokenizers, models.text_encoders, prompts)
+        if embeddings is not None and embeddings.latent_mean is not None:
+            latents = embeddings.latents(batch["index"], device_generator, scaling)
+        else:
+            pixels = batch["pixel_values"].to(models.vae.device, models.vae.dtype, non_blocking=True)
+            latents = models.vae.encode(pixels).latent_dist.sample(generator=device_generator) * scaling
+        if embeddings is not None and embeddings.text_hidden is not None:
+            text = embeddings.text(batch["index"], picks, latents.device)
+        else:
+            prompts = ["" if pick < 0 else options[pick] for options, pick in zip(batch["captions"], picks)]
+            text = family.encode(models.tokenizers, models.text_encoders, prompts)
     return latents.to(plan.weight_dtype), text
 
 
-def micro_batch_loss(batch, models, family, args, plan, generators) -> torch.Tensor:
-    latents, text = encode_batch(batch, models, family, args, plan, generators)
+def micro_batch_loss(batch, models, family, args, plan, generators, embeddings=None) -> torch.Tensor:
+    latents, text = encode_batch(batch, models, family, args, plan, generators, embeddings)
     noise, timesteps = sample_noise_and_timesteps(
         latents, models.noise_scheduler.config.num_train_timesteps, generators[1]
     )
@@ -217,8 +243,29 @@ def micro_batch_loss(batch, models, family, args, plan, generators) -> torch.Ten
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Extras:
+    """Optional parts of a run: the fidelity probe and the embeddings cache."""
+
+    probe: fidelity.FidelityProbe | None = None
+    embeddings: cache.EmbeddingCache | None = None
+    offloaded: tuple[torch.nn.Module, ...] = ()
+
+
+def offload_cached_encoders(args: argparse.Namespace, models: Models) -> tuple[torch.nn.Module, ...]:
+    """Once their outputs are cached, the VAE and text encoders wait on the CPU for validation."""
+    offloaded = ((models.vae,) if args.cache_latents else ()) + (
+        models.text_encoders if args.cache_text_embeddings else ()
+    )
+    for module in offloaded:
+        module.to("cpu")
+    if offloaded:
+        free_memory()
+    return offloaded
+
+
 def train_loop(
-    accelerator, args, family, models, plan, loader, optimizer, lr_scheduler, progress, metrics, stop, probe
+    accelerator, args, family, models, plan, loader, optimizer, lr_scheduler, progress, metrics, stop, extras
 ) -> tuple[TrainingProgress, bool]:
     """Optimizer steps until max_train_steps or a stop signal; returns (progress, stopped)."""
     output_dir = Path(args.output_dir)
@@ -238,7 +285,7 @@ def train_loop(
         for index, batch in enumerate(batches, start=skip):
             generators = step_generators(plan.seed, accelerator.process_index, epoch, index, accelerator.device)
             with accelerator.accumulate(models.controlnet):
-                loss = micro_batch_loss(batch, models, family, args, plan, generators)
+                loss = micro_batch_loss(batch, models, family, args, plan, generators, extras.embeddings)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(models.controlnet.parameters(), args.max_grad_norm)
@@ -271,23 +318,34 @@ def train_loop(
                     )
                     return progress, True
             fidelity_every = args.fidelity_steps or args.validation_steps
-            if probe is not None and (progress.global_step % fidelity_every == 0 or last_step):
-                result = probe.evaluate(models.controlnet, accelerator=accelerator)
+            if extras.probe is not None and (progress.global_step % fidelity_every == 0 or last_step):
+                result = extras.probe.evaluate(models.controlnet, accelerator=accelerator)
                 metrics.log(result.to_metrics(), step=progress.global_step)
             if progress.global_step % args.validation_steps == 0 or last_step:
-                validation.run_validation(
-                    accelerator=accelerator,
-                    family=family,
-                    models=models,
-                    args=args,
-                    weight_dtype=plan.weight_dtype,
-                    step=progress.global_step,
-                    seed=plan.seed,
-                )
+                validate(accelerator, args, family, models, plan, progress.global_step, extras.offloaded)
             if last_step:
                 break
     bar.close()
     return progress, False
+
+
+def validate(accelerator, args, family, models, plan, step: int, offloaded) -> None:
+    """Validation images; offloaded encoders visit the accelerator only for its duration."""
+    if not args.validation_prompt or not accelerator.is_main_process:
+        return
+    for module in offloaded:
+        module.to(accelerator.device)
+    validation.run_validation(
+        accelerator=accelerator,
+        family=family,
+        models=models,
+        args=args,
+        weight_dtype=plan.weight_dtype,
+        step=step,
+        seed=plan.seed,
+    )
+    for module in offloaded:
+        module.to("cpu")
 
 
 def advance(progress: TrainingProgress, epoch: int, batches_done: int, batches_per_epoch: int) -> TrainingProgress:

@@ -1,0 +1,207 @@
+"""Frozen work done once: VAE latent distributions and text embeddings, reused across runs.
+
+The cache stores each image's posterior mean and standard deviation, so every step still draws a
+fresh latent sample as the uncached path does. It stores the embedding of each distinct caption
+plus the empty prompt, so prompt dropout still happens per sample per step. A cache lives in a
+folder named by a hash of everything that changes its contents: models and revisions,
+resolution and transform, the rows and columns. Any change gives a new folder, and a later run
+with the same inputs reuses the old one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from . import data
+from .family import ModelFamily, TextConditioning
+from .models import Models
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the stored layout or the encoding changes
+COMPLETE = "complete.json"
+_ENCODE_BATCH = 32
+
+
+def cache_root(args: argparse.Namespace) -> Path:
+    if args.embeddings_cache_dir:
+        return Path(args.embeddings_cache_dir)
+    base = Path(args.cache_dir) if args.cache_dir else Path(os.path.expanduser("~/.cache/huggingface"))
+    return base / "controlnet_trainer"
+
+
+def _weights_signature(path: str) -> str | list:
+    """A local model folder is identified by its files' sizes and times; a hub id by name."""
+    root = Path(path)
+    if not root.exists():
+        return path
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    return [(str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def cache_key(
+    args: argparse.Namespace, family: ModelFamily, rows: datasets.Dataset, transform: data.PairedTransform
+) -> str:
+    """A hash of everything the cached tensors depend on."""
+    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+    inputs = {
+        "version": CACHE_VERSION,
+        "family": family.name,
+        "model": [args.pretrained_model_name_or_path, args.revision, args.variant],
+        "model_files": _weights_signature(args.pretrained_model_name_or_path),
+        "vae": [vae, _weights_signature(vae)] if vae else None,
+        "tokenizer": args.tokenizer_name,
+        "resolution": transform.resolution,
+        "interpolation": transform.interpolation.value,
+        "rows": [rows._fingerprint, len(rows)],
+        "columns": dataclasses.astuple(data.columns_from_args(args)),
+        "latents": bool(args.cache_latents),
+        "text": bool(args.cache_text_embeddings),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingCache:
+    """Memory-mapped cached tensors; rows are indexed by dataset position."""
+
+    directory: Path
+    latent_mean: np.ndarray | None
+    latent_std: np.ndarray | None
+    text_hidden: np.ndarray | None
+    text_pooled: np.ndarray | None
+    caption_ids: list[list[int]] | None  # per row, per caption: a row of text_hidden (0 is "")
+
+    def latents(self, indices: torch.Tensor, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
+        """A fresh sample of each image's posterior, as ``latent_dist.sample()`` draws it."""
+        rows = indices.tolist()
+        device = generator.device
+        mean = torch.from_numpy(self.latent_mean[rows]).to(device, non_blocking=True)
+        std = torch.from_numpy(self.latent_std[rows]).to(device, non_blocking=True)
+        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+        return (mean + std * noise) * scaling_factor
+
+    def text(self, indices: torch.Tensor, picks: list[int], device: torch.device) -> TextConditioning:
+        """Embeddings of the chosen captions; -1 (dropped) takes the empty prompt's."""
+        ids = [0 if pick < 0 else self.caption_ids[row][pick] for row, pick in zip(indices.tolist(), picks)]
+        hidden = torch.from_numpy(self.text_hidden[ids]).to(device, non_blocking=True)
+        pooled = None
+        if self.text_pooled is not None:
+            pooled = torch.from_numpy(self.text_pooled[ids]).to(device, non_blocking=True)
+        return TextConditioning(hidden, pooled)
+
+
+def _captions(rows: datasets.Dataset, column: str) -> list[list[str]]:
+    return [[c] if isinstance(c, str) else list(c) for c in rows[column]]
+
+
+def _write(directory: Path, name: str, array: np.ndarray) -> None:
+    np.save(directory / f"{name}.npy", array)
+
+
+@torch.no_grad()
+def _encode_latents(models: Models, dataset: data.ControlNetDataset, num_workers: int) -> tuple[np.ndarray, ...]:
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=_ENCODE_BATCH, shuffle=False, collate_fn=data.collate, num_workers=num_workers
+    )
+    means, stds = [], []
+    for batch in loader:
+        pixels = batch["pixel_values"].to(models.vae.device, models.vae.dtype)
+        posterior = models.vae.encode(pixels).latent_dist
+        means.append(posterior.mean.float().cpu().numpy())
+        stds.append(posterior.std.float().cpu().numpy())
+    return np.concatenate(means), np.concatenate(stds)
+
+
+@torch.no_grad()
+def _encode_texts(models: Models, family: ModelFamily, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    hidden, pooled = [], []
+    for start in range(0, len(prompts), _ENCODE_BATCH):
+        text = family.encode(models.tokenizers, models.text_encoders, prompts[start : start + _ENCODE_BATCH])
+        hidden.append(text.encoder_hidden_states.float().cpu().numpy())
+        if text.pooled is not None:
+            pooled.append(text.pooled.float().cpu().numpy())
+    return np.concatenate(hidden), (np.concatenate(pooled) if pooled else None)
+
+
+def build(
+    directory: Path,
+    args: argparse.Namespace,
+    family: ModelFamily,
+    models: Models,
+    rows: datasets.Dataset,
+    transform: data.PairedTransform,
+) -> None:
+    """Encode everything into ``directory``, written under a temporary name then renamed."""
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    columns = data.columns_from_args(args)
+    if args.cache_latents:
+        dataset = data.ControlNetDataset(rows, columns, transform)
+        mean, std = _encode_latents(models, dataset, args.dataloader_num_workers)
+        _write(partial, "latent_mean", mean)
+        _write(partial, "latent_std", std)
+    if args.cache_text_embeddings:
+        captions = _captions(rows, columns.caption)
+        # Index 0 is the empty prompt that dropout swaps in; each distinct caption is encoded once.
+        table = [""] + sorted({c for options in captions for c in options} - {""})
+        position = {caption: i for i, caption in enumerate(table)}
+        hidden, pooled = _encode_texts(models, family, table)
+        _write(partial, "text_hidden", hidden)
+        if pooled is not None:
+            _write(partial, "text_pooled", pooled)
+        ids = [[position[c] for c in options] for options in captions]
+        (partial / "caption_ids.json").write_text(json.dumps(ids))
+    (partial / COMPLETE).write_text(json.dumps({"rows": len(rows), "version": CACHE_VERSION}))
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(partial, directory)
+
+
+def load(directory: Path) -> EmbeddingCache:
+    def array(name: str) -> np.ndarray | None:
+        path = directory / f"{name}.npy"
+        return np.load(path, mmap_mode="r") if path.exists() else None
+
+    ids_path = directory / "caption_ids.json"
+    return EmbeddingCache(
+        directory=directory,
+        latent_mean=array("latent_mean"),
+        latent_std=array("latent_std"),
+        text_hidden=array("text_hidden"),
+        text_pooled=array("text_pooled"),
+        caption_ids=json.loads(ids_path.read_text()) if ids_path.exists() else None,
+    )
+
+
+def prepare_cache(
+    accelerator: Accelerator,
+    args: argparse.Namespace,
+    family: ModelFamily,
+    models: Models,
+    rows: datasets.Dataset,
+    transform: data.PairedTransform,
+) -> EmbeddingCache | None:
+    """The cache for this run: built once by the main process, then loaded by every process."""
+    if not (args.cache_latents or args.cache_text_embeddings):
+        return None
+    directory = cache_root(args) / cache_key(args, family, rows, transform)
+    with accelerator.main_process_first():
+        if accelerator.is_main_process and not (directory / COMPLETE).exists():
+            logger.info("Caching embeddings of %d rows in %s", len(rows), directory)
+            build(directory, args, family, models, rows, transform)
+        elif accelerator.is_main_process:
+            logger.info("Reusing the embeddings cached in %s", directory)
+    return load(directory)

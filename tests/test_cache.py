@@ -1,0 +1,76 @@
+"""Embedding cache: same training as without it, reused across runs, invalidated by changes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import train_argv
+from safetensors.torch import load_file
+
+from controlnet_trainer.cli import run
+from controlnet_trainer.data import Columns, ControlNetDataset, PairedTransform
+
+CACHE_FLAGS = {"cache_latents": True, "cache_text_embeddings": True}
+
+
+def losses(output_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cache_dirs(root) -> set[str]:
+    return {p.name for p in root.iterdir() if (p / "complete.json").exists()}
+
+
+def test_cached_training_matches_uncached(assets, tmp_path):
+    flags = dict(max_train_steps=8, proportion_empty_prompts=0.4, gradient_accumulation_steps=2)
+    run(train_argv(assets, tmp_path / "plain", **flags))
+    run(train_argv(assets, tmp_path / "cached", embeddings_cache_dir=tmp_path / "cache", **flags, **CACHE_FLAGS))
+    # Same draws in the same order: only float rounding of batched VAE encoding may differ.
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    plain = load_file(tmp_path / "plain" / "diffusion_pytorch_model.safetensors")
+    cached = load_file(tmp_path / "cached" / "diffusion_pytorch_model.safetensors")
+    # Adam turns rounding-level gradient differences into updates of a fraction of the learning
+    # rate (1e-3); a wrong latent or embedding would move weights by whole steps.
+    worst = max((plain[k] - cached[k]).abs().max().item() for k in plain)
+    assert worst < 2e-4
+
+
+def test_cache_is_reused_and_invalidated(assets, tmp_path):
+    cache_root = tmp_path / "cache"
+    common = dict(max_train_steps=1, embeddings_cache_dir=cache_root, **CACHE_FLAGS)
+    run(train_argv(assets, tmp_path / "a", **common))
+    (first,) = cache_dirs(cache_root)
+    stamp = (cache_root / first / "latent_mean.npy").stat().st_mtime_ns
+    run(train_argv(assets, tmp_path / "b", **common))
+    assert cache_dirs(cache_root) == {first}
+    assert (cache_root / first / "latent_mean.npy").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    run(train_argv(assets, tmp_path / "c", resolution=32, **common))
+    run(train_argv(assets, tmp_path / "d", max_train_samples=12, **common))
+    assert len(cache_dirs(cache_root)) == 3  # resolution and data each key their own cache
+    mean = np.load(cache_root / first / "latent_mean.npy")
+    assert mean.shape == (24, 4, 8, 8)
+
+
+def test_cached_runs_resume_exactly(assets, tmp_path):
+    common = dict(max_train_steps=5, embeddings_cache_dir=tmp_path / "cache", proportion_empty_prompts=0.5, **CACHE_FLAGS)
+    run(train_argv(assets, tmp_path / "straight", **common))
+    run(train_argv(assets, tmp_path / "resumed", stop_at_step=2, **common))
+    run(train_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **common))
+    a = load_file(tmp_path / "straight" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "resumed" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_dataset_skips_the_target_image(assets):
+    import datasets
+
+    rows = datasets.load_dataset(str(assets["fill"]))["train"]
+    columns = Columns("image", "conditioning_image", "text")
+    light = ControlNetDataset(rows, columns, PairedTransform(64), with_image=False)[3]
+    full = ControlNetDataset(rows, columns, PairedTransform(64))[3]
+    assert "pixel_values" not in light
+    assert torch.equal(light["conditioning_pixel_values"], full["conditioning_pixel_values"])
+    assert light["original_size"] == full["original_size"] and light["crop_top_left"] == full["crop_top_left"]
