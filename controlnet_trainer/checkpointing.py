@@ -91,11 +91,21 @@ def save_checkpoint(
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)  # left by a crash during an earlier save
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))  # every rank: DeepSpeed and FSDP need it
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(partial))  # every rank: DeepSpeed and FSDP need it
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            progress.save(partial)
+            _fsync_tree(partial)
+    except Exception as error:  # torch.save reports a full disk as RuntimeError, safetensors its own
+        shutil.rmtree(partial, ignore_errors=True)
+        kept = list_checkpoints(output_dir)
+        raise CheckpointError(
+            f"Saving {final.name} failed ({getattr(error, 'strerror', None) or error}); nothing of it was kept, and "
+            f"{kept[-1] if kept else 'no earlier checkpoint'} is intact. Free disk space (or lower "
+            "--checkpoints_total_limit), then rerun with --resume_from_checkpoint=latest."
+        ) from error
     if accelerator.is_main_process:
-        progress.save(partial)
-        _fsync_tree(partial)
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,7 @@ def train_loop(
         disable=not accelerator.is_local_main_process,
     )
     losses: list[torch.Tensor] = []
+    step_started = time.perf_counter()
     for epoch in range(progress.epoch, plan.num_train_epochs):
         if progress.global_step >= plan.max_train_steps:
             break
@@ -298,9 +300,11 @@ def train_loop(
             progress = advance(progress, epoch, index + 1, len(loader))
             step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
             losses = []
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0]}
+            # Training time only: checkpoints and validation below start the clock again.
+            step_seconds = time.perf_counter() - step_started
+            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "step_seconds": step_seconds}
             bar.update(1)
-            bar.set_postfix(**logs)
+            bar.set_postfix(loss=step_loss, lr=logs["lr"])
             metrics.log(logs, step=progress.global_step)
             if not math.isfinite(step_loss):
                 raise TrainingError(non_finite_message(step_loss, progress.global_step, output_dir))
@@ -323,6 +327,7 @@ def train_loop(
                 metrics.log(result.to_metrics(), step=progress.global_step)
             if progress.global_step % args.validation_steps == 0 or last_step:
                 validate(accelerator, args, family, models, plan, progress.global_step, extras.offloaded)
+            step_started = time.perf_counter()
             if last_step:
                 break
     bar.close()

@@ -148,3 +148,38 @@ def test_dry_run_prints_plan_and_trains_nothing(assets, tmp_path, capsys):
     plan = json.loads(capsys.readouterr().out)["plan"]
     assert plan["batches_per_epoch"] == 6 and plan["steps_per_epoch"] == 3 and plan["max_train_steps"] == 3
     assert not (tmp_path / "config.json").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
+    from controlnet_trainer.training import TrainingError
+
+    flags = dict(max_train_steps=10, checkpointing_steps=1, learning_rate=1e12, max_grad_norm=1e30, adam_epsilon=1e-30)
+    with pytest.raises(TrainingError, match=r"loss became nan at step (\d+).*last good checkpoint is .*checkpoint-"):
+        run(train_argv(assets, tmp_path, **flags))
+    assert not (tmp_path / "config.json").exists()
+    kept = checkpoints(tmp_path)
+    assert kept and all(not name.startswith(".") for name in kept)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 20 MB filesystem: room for one checkpoint of the tiny ControlNet (12 MB), not two."""
+    import subprocess
+
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20M", "tmpfs", str(mount_point)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(assets, small_disk):
+    output_dir = small_disk / "run"
+    with pytest.raises(CheckpointError, match=r"Saving checkpoint-2 failed.*checkpoint-1 is intact"):
+        run(train_argv(assets, output_dir, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=1))
+    assert {p.name for p in output_dir.iterdir() if "checkpoint" in p.name} == {"checkpoint-1"}
+    state = json.loads((output_dir / "checkpoint-1" / "training_state.json").read_text())
+    assert state["global_step"] == 1
+    assert (output_dir / "checkpoint-1" / "controlnet" / "diffusion_pytorch_model.safetensors").stat().st_size > 0
