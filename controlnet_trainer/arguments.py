@@ -245,6 +245,12 @@ def _data_group(parser: argparse.ArgumentParser) -> None:
         "--max_train_samples", type=int, default=None, help="Train on the first N samples only."
     )
     group.add_argument(
+        "--skip_bad_images",
+        action="store_true",
+        help="Leave out rows whose image or conditioning image cannot be read (every image is opened "
+        "once before training; without this flag the first bad file stops the run).",
+    )
+    group.add_argument(
         "--proportion_empty_prompts",
         type=float,
         default=0,

@@ -20,7 +20,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory
 from tqdm.auto import tqdm
 
-from . import cache, checkpointing, data, export, fidelity, hub, plots, tracking, validation
+from . import cache, checkpointing, data, export, fidelity, hub, integrity, plots, tracking, validation
 from .checkpointing import TrainingProgress
 from .errors import InputError
 from .family import ModelFamily, TextConditioning, crop_override_from_args, unet_added_conditioning
@@ -57,8 +57,9 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     with accelerator.main_process_first():
-        rows, held_out = fidelity.heldout_rows(args, data.load_train_dataset(args), seed)
-        rows = data.select_samples(rows, args.max_train_samples, seed)
+        rows = data.load_train_dataset(args)
+    rows, held_out = fidelity.heldout_rows(args, checked_rows(accelerator, args, rows), seed)
+    rows = data.select_samples(rows, args.max_train_samples, seed)
     plan = make_plan(
         args,
         num_samples=len(rows),
@@ -179,6 +180,22 @@ def agree_on_seed(accelerator: Accelerator, seed: int | None, resume_path: Path 
         return seed
     drawn = [random.SystemRandom().randrange(2**31)]
     return int(broadcast_object_list(drawn)[0])
+
+
+def checked_rows(accelerator: Accelerator, args: argparse.Namespace, rows):
+    """The rows after one scan of every image (on the main process, shared with the others)."""
+    report = [None]
+    if accelerator.is_main_process:
+        report = [
+            integrity.scan_images(
+                rows,
+                data.columns_from_args(args),
+                resolution=args.resolution,
+                num_workers=args.dataloader_num_workers,
+            )
+        ]
+    report = broadcast_object_list(report)[0]
+    return integrity.apply_scan(rows, report, skip_bad=args.skip_bad_images, resolution=args.resolution)
 
 
 def make_transform(args: argparse.Namespace) -> data.PairedTransform:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -132,3 +133,37 @@ def test_collate_stacks_and_keeps_caption_lists():
     assert batch["pixel_values"].shape == (2, 3, 16, 16)
     assert batch["captions"] == [["x"], ["y", "z"]] and batch["index"].tolist() == [3, 5]
     assert batch["original_size"].tolist() == [[16, 16], [16, 16]]
+
+
+def dataset_with_files(tmp_path, sizes, broken: dict[int, bytes]) -> datasets.Dataset:
+    """Rows whose images are files on disk; ``broken`` replaces some files' bytes."""
+    paths = []
+    for index, size in enumerate(sizes):
+        path = tmp_path / f"{index}.png"
+        Image.new("RGB", size, (index * 10, 0, 0)).save(path)
+        if index in broken:
+            path.write_bytes(broken[index])
+        paths.append(str(path))
+    return datasets.Dataset.from_dict({"image": paths, "conditioning_image": paths, "text": ["a"] * len(paths)})
+
+
+def test_corrupt_and_truncated_images_fail_with_row_and_file(tmp_path):
+    from controlnet_trainer.integrity import apply_scan, scan_images
+
+    good = (tmp_path / "good.png")
+    Image.new("RGB", (64, 64)).save(good)
+    truncated = good.read_bytes()[:-200]
+    rows = dataset_with_files(tmp_path, [(64, 64)] * 5, {2: truncated, 4: b"not an image"})
+    report = scan_images(rows, COLUMNS, resolution=64, num_workers=0)
+    assert sorted({p.row for p in report.problems}) == [2, 4]
+    with pytest.raises(DataError, match=r"2 row\(s\) have unreadable images; the first is row 2.*2\.png.*--skip_bad_images"):
+        apply_scan(rows, report, skip_bad=False, resolution=64)
+    kept = apply_scan(rows, report, skip_bad=True, resolution=64)
+    assert [Path(p).name for p in kept["image"]] == ["0.png", "1.png", "3.png"]
+
+
+def test_small_images_are_counted(tmp_path):
+    from controlnet_trainer.integrity import scan_images
+
+    rows = dataset_with_files(tmp_path, [(64, 64), (40, 100), (100, 30)], {})
+    assert scan_images(rows, COLUMNS, resolution=64, num_workers=0).small_images == 2

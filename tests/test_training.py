@@ -183,3 +183,38 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(assets, small_disk):
     state = json.loads((output_dir / "checkpoint-1" / "training_state.json").read_text())
     assert state["global_step"] == 1
     assert (output_dir / "checkpoint-1" / "controlnet" / "diffusion_pytorch_model.safetensors").stat().st_size > 0
+
+
+def test_controlnet_of_another_base_model_is_refused(sdxl_assets, tmp_path):
+    from controlnet_trainer.models import ModelError
+
+    with pytest.raises(ModelError, match="does not match the UNet.*cross_attention_dim"):
+        run(train_argv(sdxl_assets, tmp_path, controlnet_model_name_or_path=sdxl_assets["controlnet_sdxl"]))
+
+
+@pytest.mark.parametrize("flag", ["pretrained_model_name_or_path", "controlnet_model_name_or_path"])
+def test_nonexistent_model_paths_are_clear_errors(assets, tmp_path, flag):
+    from controlnet_trainer.models import ModelError
+
+    with pytest.raises(ModelError, match=f"`--{flag}` points to .*does not exist"):
+        run(train_argv(assets, tmp_path, **{flag: tmp_path / "missing" / "model"}))
+
+
+def test_xformers_without_xformers_or_cuda_is_a_clear_error(assets, tmp_path):
+    from controlnet_trainer.models import ModelError
+
+    with pytest.raises(ModelError, match="xformers"):
+        run(train_argv(assets, tmp_path, enable_xformers_memory_efficient_attention=True))
+
+
+def test_skip_bad_images_trains_on_the_rest(assets, tmp_path):
+    import datasets
+
+    rows = datasets.load_dataset(str(assets["fill"]))["train"].cast_column("image", datasets.Image(decode=False))
+    broken = rows.map(
+        lambda row, i: {"image": {"bytes": b"garbage", "path": None} if i == 3 else row["image"]}, with_indices=True
+    )
+    broken.to_parquet(tmp_path / "data" / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(Exception, match="row 3"):
+        run(train_argv(assets, tmp_path / "a", dataset_name=tmp_path / "data"))
+    run(train_argv(assets, tmp_path / "b", dataset_name=tmp_path / "data", skip_bad_images=True, dry_run=True))

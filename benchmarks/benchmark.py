@@ -1,0 +1,215 @@
+"""Speed, memory and learning benchmarks on the offline fixtures; prints a table, writes JSON.
+
+    python benchmarks/benchmark.py [--out benchmarks/results.json] [--quick]
+
+Sections:
+- ``train``: the CPU cost of an optimizer step for SD and SDXL tiny fixtures at 64 and 128 px,
+  batch 4. It compares the way diffusers' script trains (VAE and text encoders every step) with
+  the cached path (``--cache_latents --cache_text_embeddings``). Each configuration is one real
+  training process. It reports the median seconds per optimizer step after warm-up, samples per
+  second, the peak resident memory of the process, and the whole-process time of a 6-step run.
+  The cached path is measured with its cache already built; the build time is reported apart.
+- ``data``: decode and transform throughput of one data-loader worker at 512 px on a
+  JPEG-encoded fill dataset.
+- ``fidelity``: the control gap after a fixed number of steps with the default settings of the
+  demo (64 px, batch 4, learning rate 1e-3).
+
+A GPU section (real SD 1.5 / SDXL architectures, MFU) is not implemented; see the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_training(flags: list[str], env: dict, *, sdxl: bool = False) -> dict:
+    """One training process; returns its wall time, peak RSS (MiB) and metrics records."""
+    script = "train_controlnet_sdxl.py" if sdxl else "train_controlnet.py"
+    command = [sys.executable, str(ROOT / script), *flags]
+    output_dir = Path(next(f.split("=", 1)[1] for f in flags if f.startswith("--output_dir=")))
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    stderr = process.stderr.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"training failed: {' '.join(command)}\n{stderr[-3000:]}")
+    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"wall_seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "records": records}
+
+
+def median_step(records: list[dict], warmup: int) -> float:
+    times = [r["step_seconds"] for r in records if "step_seconds" in r][warmup:]
+    return statistics.median(times)
+
+
+def train_section(assets: Path, work: Path, env: dict, *, steps: int, warmup: int, quick: bool) -> list[dict]:
+    rows = []
+    families = [("sd", "tiny-sd")] if quick else [("sd", "tiny-sd"), ("sdxl", "tiny-sdxl")]
+    for family, model in families:
+        for resolution in (64,) if quick else (64, 128):
+            for cached in (False, True):
+                rows.append(
+                    train_case(assets, work, env, family, model, resolution, cached, steps=steps, warmup=warmup)
+                )
+    return rows
+
+
+def train_case(assets, work, env, family, model, resolution, cached, *, steps, warmup) -> dict:
+    name = f"{family}-{resolution}px-{'cached' if cached else 'uncached'}"
+    cache_flags = ["--cache_latents", "--cache_text_embeddings", f"--embeddings_cache_dir={work / 'cache'}"]
+
+    def flags(output: str, max_steps: int) -> list[str]:
+        return [
+            f"--pretrained_model_name_or_path={assets / model}",
+            f"--dataset_name={assets / 'fill'}",
+            f"--output_dir={work / output}",
+            f"--resolution={resolution}",
+            "--train_batch_size=4",
+            "--learning_rate=1e-4",
+            "--lr_warmup_steps=0",
+            f"--max_train_steps={max_steps}",
+            "--checkpointing_steps=100000",
+            "--report_to=none",
+            "--seed=0",
+            *(cache_flags if cached else []),
+        ]
+
+    build_seconds = None
+    if cached:  # build the cache first so the measured runs see a warm one
+        built = run_training(flags(f"{name}-build", 1), env, sdxl=family == "sdxl")
+        build_seconds = built["wall_seconds"]
+    timed = run_training(flags(f"{name}-steps", steps), env, sdxl=family == "sdxl")
+    short = run_training(flags(f"{name}-6", 6), env, sdxl=family == "sdxl")
+    step = median_step(timed["records"], warmup)
+    return {
+        "case": name,
+        "seconds_per_step": step,
+        "samples_per_second": 4 / step,
+        "peak_rss_mib": timed["peak_rss_mib"],
+        "six_step_process_seconds": short["wall_seconds"],
+        "cache_build_process_seconds": build_seconds,
+    }
+
+
+def data_section(work: Path, *, samples: int) -> dict:
+    """Decode + paired transform at 512 px, one worker, JPEG-encoded images."""
+    import datasets
+    import numpy as np
+
+    from controlnet_trainer import data, fixtures
+
+    rng = np.random.default_rng(0)
+    rows = {"image": [], "conditioning_image": [], "text": []}
+    for _ in range(samples):
+        sample = fixtures.fill_sample(rng, 768)
+        for column, image in (("image", sample.image), ("conditioning_image", sample.conditioning_image)):
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            rows[column].append({"bytes": buffer.getvalue(), "path": None})
+        rows["text"].append(sample.text)
+    table = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    table = table.cast_column("conditioning_image", datasets.Image())
+    columns = data.Columns("image", "conditioning_image", "text")
+    dataset = data.ControlNetDataset(table, columns, data.PairedTransform(512))
+    dataset[0]  # warm-up
+    started = time.perf_counter()
+    for index in range(len(dataset)):
+        dataset[index]
+    elapsed = time.perf_counter() - started
+    return {"case": "decode+transform 512px (768px JPEG source)", "samples_per_second_per_worker": samples / elapsed}
+
+
+def fidelity_section(assets: Path, work: Path, env: dict, *, steps: int) -> dict:
+    flags = [
+        f"--pretrained_model_name_or_path={assets / 'tiny-sd'}",
+        f"--dataset_name={assets / 'fill'}",
+        f"--output_dir={work / 'fidelity'}",
+        "--resolution=64",
+        "--train_batch_size=4",
+        "--learning_rate=1e-3",
+        "--lr_warmup_steps=0",
+        f"--max_train_steps={steps}",
+        f"--validation_steps={steps // 4}",
+        "--checkpointing_steps=100000",
+        "--fidelity_samples=32",
+        "--report_to=none",
+        "--seed=0",
+    ]
+    records = run_training(flags, env)["records"]
+    gaps = {r["step"]: r["fidelity/control_gap"] for r in records if "fidelity/control_gap" in r}
+    return {"case": f"control gap, tiny SD 64px batch 4 lr 1e-3, {steps} steps", "gap_by_step": gaps}
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{results['machine']}\n")
+    print(f"{'case':<24}{'s/step':>9}{'samples/s':>11}{'peak RSS MiB':>14}{'6-step run s':>14}{'cache build s':>15}")
+    for row in results["train"]:
+        build = row["cache_build_process_seconds"]
+        print(
+            f"{row['case']:<24}{row['seconds_per_step']:>9.3f}{row['samples_per_second']:>11.1f}"
+            f"{row['peak_rss_mib']:>14.0f}{row['six_step_process_seconds']:>14.1f}"
+            f"{'' if build is None else f'{build:.1f}':>15}"
+        )
+    by_case = {row["case"]: row for row in results["train"]}
+    for row in results["train"]:
+        if row["case"].endswith("-cached"):
+            base = by_case[row["case"].replace("-cached", "-uncached")]
+            speedup = base["seconds_per_step"] / row["seconds_per_step"]
+            memory = row["peak_rss_mib"] / base["peak_rss_mib"]
+            print(f"  {row['case']}: {speedup:.2f}x faster per step, peak memory x{memory:.2f}")
+    if "data" in results:
+        print(f"\n{results['data']['case']}: {results['data']['samples_per_second_per_worker']:.1f} samples/s per worker")
+    if "fidelity" in results:
+        gaps = ", ".join(f"step {s}: {g * 100:.2f}%" for s, g in results["fidelity"]["gap_by_step"].items())
+        print(f"\n{results['fidelity']['case']}: {gaps}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
+    parser.add_argument("--quick", action="store_true", help="SD 64 px only, fewer steps, no fidelity run")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--fidelity_steps", type=int, default=400)
+    args = parser.parse_args()
+
+    from controlnet_trainer import fixtures
+
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        assets = work / "assets"
+        fixtures.build_fill_dataset(assets / "fill", num_rows=400, size=128)
+        fixtures.build_tiny_sd(assets / "tiny-sd")
+        if not args.quick:
+            fixtures.build_tiny_sdxl(assets / "tiny-sdxl")
+        steps = 12 if args.quick else args.steps
+        results = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}",
+            "command": " ".join(sys.argv),
+            "train": train_section(assets, work, env, steps=steps, warmup=3, quick=args.quick),
+            "data": data_section(work, samples=16 if args.quick else 64),
+        }
+        if not args.quick:
+            results["fidelity"] = fidelity_section(assets, work, env, steps=args.fidelity_steps)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
