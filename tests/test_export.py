@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from accelerate import init_empty_weights
 from diffusers import ControlNetModel
+from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from controlnet_trainer import export, fixtures
+from controlnet_trainer import export
 from controlnet_trainer.errors import InputError
 
 # diffusers' from_single_file (0.42) never maps label_emb for ControlNets: it loads SDXL's
@@ -22,27 +25,42 @@ from controlnet_trainer.errors import InputError
 DIFFUSERS_SKIPS_SDXL = {
     f"add_embedding.linear_{i}.{p}": f"label_emb.0.{j}.{p}" for i, j in ((1, 0), (2, 2)) for p in ("weight", "bias")
 }
+# Real architectures, built weightless: the tiny fixtures have only 2 down blocks.
+FULL_SIZE = {
+    "sd15": {},  # ControlNetModel's defaults are SD 1.5's
+    "sd21": {"attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True, "cross_attention_dim": 1024},
+    "sdxl": {
+        "block_out_channels": [320, 640, 1280],
+        "transformer_layers_per_block": [1, 2, 10],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "attention_head_dim": [5, 10, 20],
+        "use_linear_projection": True,
+        "cross_attention_dim": 2048,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+    },
+}
 
 
-def _perturbed(directory: Path, seed: int) -> Path:
-    """Random values in every tensor: zero-initialised convs would hide swapped mappings."""
-    controlnet = ControlNetModel.from_pretrained(str(directory))
+def _perturbed(source: Path, out: Path, seed: int) -> Path:
+    """A copy with random values in every tensor: zero-initialised convs would hide swapped mappings."""
+    controlnet = ControlNetModel.from_pretrained(str(source))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in controlnet.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    controlnet.save_pretrained(str(directory))
-    return directory
+    controlnet.save_pretrained(str(out))
+    return out
 
 
 @pytest.fixture(scope="module")
-def controlnets(tmp_path_factory) -> dict[str, Path]:
+def controlnets(sdxl_assets, tmp_path_factory) -> dict[str, Path]:
+    """The session's tiny SD and SDXL ControlNets (see conftest), perturbed in copies."""
     root = tmp_path_factory.mktemp("export")
-    fixtures.build_tiny_sd(root / "sd")
-    fixtures.build_tiny_sdxl(root / "sdxl")
     return {
-        "sd": _perturbed(fixtures.build_tiny_controlnet(root / "sd", root / "cn-sd"), seed=1),
-        "sdxl": _perturbed(fixtures.build_tiny_controlnet(root / "sdxl", root / "cn-sdxl"), seed=2),
+        "sd": _perturbed(sdxl_assets["controlnet"], root / "cn-sd", seed=1),
+        "sdxl": _perturbed(sdxl_assets["controlnet_sdxl"], root / "cn-sdxl", seed=2),
     }
 
 
@@ -57,7 +75,8 @@ def exported(controlnets, tmp_path_factory) -> dict[str, Path]:
 
 def _assert_identical(loaded: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], skip=()) -> None:
     assert loaded.keys() == reference.keys()
-    different = [k for k in reference if k not in skip and not torch.equal(loaded[k], reference[k])]
+    same = [k for k in reference if loaded[k].dtype == reference[k].dtype and torch.equal(loaded[k], reference[k])]
+    different = sorted(reference.keys() - set(same) - set(skip))
     assert not different, different
 
 
@@ -122,6 +141,21 @@ def test_round_trip_is_exact(exported, controlnets, family):
     _assert_identical(loaded.state_dict(), _reference(controlnets, family))
 
 
+@pytest.mark.parametrize("config", FULL_SIZE.values(), ids=FULL_SIZE.keys())
+def test_full_size_layouts_invert_diffusers_conversion(config):
+    """Real SD 1.5 / 2.1 / SDXL shapes (4 or 3 down blocks, deep transformers), weightless on meta."""
+    with init_empty_weights():
+        controlnet = ControlNetModel(**config)
+    state = controlnet.state_dict()
+    original = export.diffusers_to_original(state, controlnet.config)
+    back = convert_controlnet_checkpoint({f"control_model.{k}": v for k, v in original.items()}, controlnet.config)
+    assert {k for k in state if back.get(k) is state[k]} == state.keys() - DIFFUSERS_SKIPS_SDXL.keys()
+    assert set(back) <= set(state)
+    assert len([k for k in original if k.startswith("zero_convs.") and k.endswith(".weight")]) == (
+        9 if "addition_embed_type" in config else 12
+    )
+
+
 def test_dtype_is_kept(controlnets, tmp_path):
     half = ControlNetModel.from_pretrained(str(controlnets["sd"]), torch_dtype=torch.float16)
     path = export.save_single_file(half, tmp_path / "half.safetensors")
@@ -133,6 +167,14 @@ def test_dtype_is_kept(controlnets, tmp_path):
 def test_mismatched_config_is_refused(exported, controlnets):
     with pytest.raises(InputError, match="does not match"):
         export.original_to_diffusers(exported["sd"], controlnets["sdxl"])
+
+
+def test_mismatched_sizes_are_refused(exported, controlnets, tmp_path):
+    config = json.loads((controlnets["sd"] / "config.json").read_text())
+    config["conditioning_embedding_out_channels"] = [16, 32, 96, 128]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="size mismatch"):
+        export.original_to_diffusers(exported["sd"], tmp_path)
 
 
 def test_unprefixed_keys_are_refused(exported, controlnets, tmp_path):
@@ -152,18 +194,25 @@ def test_unknown_parameter_is_refused(controlnets):
 
 def test_command_converts_both_ways(controlnets, tmp_path):
     checkpoint = tmp_path / "checkpoint-10"
-    (checkpoint / "controlnet").parent.mkdir()
-    (checkpoint / "controlnet").symlink_to(controlnets["sd"])  # a checkpoint's layout works too
+    shutil.copytree(controlnets["sd"], checkpoint / "controlnet")  # a checkpoint's layout works too
     single = tmp_path / "out" / "cn.safetensors"
-    command = [sys.executable, "-m", "controlnet_trainer.export", str(checkpoint), str(single)]
+    command = [sys.executable, "-m", "controlnet_trainer.export", str(checkpoint), str(single), "--dtype", "float16"]
     result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr
-    assert "control_model.zero_convs.0.0.weight" in load_file(str(single))
+    stored = load_file(str(single))
+    assert "control_model.zero_convs.0.0.weight" in stored
+    assert {tensor.dtype for tensor in stored.values()} == {torch.float16}
 
-    # The reverse direction goes through the same main(); an interpreter start costs ~8 s.
-    export.main(["--to_diffusers", "--config", str(controlnets["sd"]), str(single), str(tmp_path / "back")])
-    back = ControlNetModel.from_pretrained(str(tmp_path / "back"))
-    _assert_identical(back.state_dict(), _reference(controlnets, "sd"))
+    # The reverse goes through the same main(); another interpreter would cost ~8 s of imports.
+    export.main(["--to_diffusers", "--config", str(checkpoint), str(single), str(tmp_path / "back")])
+    back = load_file(str(tmp_path / "back" / "diffusion_pytorch_model.safetensors"))
+    half = {key: tensor.half() for key, tensor in _reference(controlnets, "sd").items()}
+    _assert_identical(back, half)  # float16 kept, no round trip through float32
+
+
+def test_other_mid_blocks_are_refused():
+    with pytest.raises(InputError, match="mid_block_type"):
+        export.diffusers_to_original({}, {"mid_block_type": "UNetMidBlock2D"})
 
 
 def test_command_needs_config_to_go_back(tmp_path, capsys):

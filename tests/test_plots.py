@@ -82,6 +82,10 @@ def test_records_without_loss_still_plot(tmp_path):
     colours = _colours(path)
     assert plots.GAP in colours and plots.SMOOTH_LOSS not in colours
 
+    path = plots.plot_training_curves([{"step": 1, "lr": 1e-5}], tmp_path / "lr.png")
+    with Image.open(path) as image:
+        assert image.size == (WIDTH, HEIGHT)
+
 
 def test_no_records_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="no metrics records"):
