@@ -86,6 +86,13 @@ def _output_group(parser: argparse.ArgumentParser, project_name: str) -> None:
     )
     group.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
     group.add_argument(
+        "--logging_steps",
+        type=int,
+        default=1,
+        help="Read the loss back from the accelerator and log it every this many steps (each read "
+        "waits for the GPU; the logged loss is the mean since the last log).",
+    )
+    group.add_argument(
         "--save_single_file",
         action="store_true",
         help="Also save the final ControlNet as one controlnet.safetensors in the original layout "
@@ -428,6 +435,7 @@ def _check_positive(args: argparse.Namespace) -> None:
         "num_train_epochs",
         "num_validation_images",
         "fidelity_timesteps",
+        "logging_steps",
     ):
         value = getattr(args, name)
         if value < 1:

@@ -295,8 +295,9 @@ def train_loop(
         desc="Steps",
         disable=not accelerator.is_local_main_process,
     )
-    losses: list[torch.Tensor] = []
-    step_started = time.perf_counter()
+    losses: list[torch.Tensor] = []  # micro-batch losses of the optimizer step in progress
+    pending: list[torch.Tensor] = []  # step losses not yet logged
+    step_started, train_seconds = time.perf_counter(), 0.0
     for epoch in range(progress.epoch, plan.num_train_epochs):
         if progress.global_step >= plan.max_train_steps:
             break
@@ -317,19 +318,18 @@ def train_loop(
             if not accelerator.sync_gradients:
                 continue
             progress = advance(progress, epoch, index + 1, len(loader))
-            step_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
+            pending.append(torch.stack(losses).mean())
             losses = []
-            # Training time only: checkpoints and validation below start the clock again.
-            step_seconds = time.perf_counter() - step_started
-            logs = {"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "step_seconds": step_seconds}
+            train_seconds += time.perf_counter() - step_started
             bar.update(1)
-            bar.set_postfix(loss=step_loss, lr=logs["lr"])
-            metrics.log(logs, step=progress.global_step)
-            if not math.isfinite(step_loss):
-                raise TrainingError(non_finite_message(step_loss, progress.global_step, output_dir))
             last_step = progress.global_step >= plan.max_train_steps
+            checkpoint_due = progress.global_step % args.checkpointing_steps == 0
             stopping = not last_step and (stop.agreed(accelerator) or progress.global_step == args.stop_at_step)
-            if progress.global_step % args.checkpointing_steps == 0 or stopping:
+            if progress.global_step % args.logging_steps == 0 or last_step or checkpoint_due or stopping:
+                # The only host sync of a step: never save or finish on a loss not yet checked.
+                log_losses(accelerator, pending, progress, lr_scheduler, bar, metrics, train_seconds)
+                pending, train_seconds = [], 0.0
+            if checkpoint_due or stopping:
                 path = checkpointing.save_checkpoint(accelerator, output_dir, progress, args.checkpoints_total_limit)
                 if stopping:
                     logger.warning(
@@ -346,11 +346,23 @@ def train_loop(
                 metrics.log(result.to_metrics(), step=progress.global_step)
             if progress.global_step % args.validation_steps == 0 or last_step:
                 validate(accelerator, args, family, models, plan, progress.global_step, extras.offloaded)
-            step_started = time.perf_counter()
+            step_started = time.perf_counter()  # step times leave out checkpoints and evaluations
             if last_step:
                 break
     bar.close()
     return progress, False
+
+
+def log_losses(accelerator, pending, progress, lr_scheduler, bar, metrics, seconds: float) -> None:
+    """Log the mean loss of the steps since the last log (over processes); stop on NaN or inf."""
+    step_loss = accelerator.reduce(torch.stack(pending).mean(), reduction="mean").item()
+    learning_rate = lr_scheduler.get_last_lr()[0]
+    bar.set_postfix(loss=step_loss, lr=learning_rate)
+    metrics.log(
+        {"loss": step_loss, "lr": learning_rate, "step_seconds": seconds / len(pending)}, step=progress.global_step
+    )
+    if not math.isfinite(step_loss):
+        raise TrainingError(non_finite_message(step_loss, progress.global_step, metrics.path.parent))
 
 
 def validate(accelerator, args, family, models, plan, step: int, offloaded) -> None:

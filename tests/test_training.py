@@ -218,3 +218,10 @@ def test_skip_bad_images_trains_on_the_rest(assets, tmp_path):
     with pytest.raises(Exception, match="row 3"):
         run(train_argv(assets, tmp_path / "a", dataset_name=tmp_path / "data"))
     run(train_argv(assets, tmp_path / "b", dataset_name=tmp_path / "data", skip_bad_images=True, dry_run=True))
+
+
+def test_logging_steps_reads_the_loss_back_every_n_steps(assets, tmp_path):
+    run(train_argv(assets, tmp_path, max_train_steps=7, logging_steps=3, checkpointing_steps=5))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # Every 3 steps, before the checkpoint at 5, and at the end.
+    assert [r["step"] for r in records] == [3, 5, 6, 7]
