@@ -31,7 +31,6 @@ share of the samples and the main process prints the combined result.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import sys
@@ -49,7 +48,7 @@ from .arguments import INTERPOLATION_MODES
 from .errors import InputError
 from .family import SD, SDXL, ModelFamily, crop_override_from_args, unet_added_conditioning
 from .loss import diffusion_loss
-from .models import Models, freeze_and_place, load_models
+from .models import Models, freeze_and_place, load_models, mixed_precision_autocast
 from .plan import DTYPES
 
 # Fewer than two held-out samples leaves no *other* conditioning image to mismatch with.
@@ -122,13 +121,6 @@ def fixed_timesteps(
     strata = torch.arange(per_sample, dtype=torch.float32)
     timesteps = ((strata + offsets) * (num_train_timesteps / per_sample)).floor().long()
     return timesteps.clamp_(0, num_train_timesteps - 1)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype):
-    """The device's own autocast for an fp32 ControlNet beside half-precision frozen models."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def _as_batch(samples: Sequence[dict] | dict) -> dict:
@@ -289,7 +281,7 @@ class FidelityProbe:
         """Per-condition sums of the per-item losses over ``items``."""
         device = self.unet.device
         sums = [0.0] * len(CONDITIONS)
-        with _autocast(device, self.weight_dtype):
+        with mixed_precision_autocast(device, self.weight_dtype):
             for chunk in items.split(batch_size):
                 losses = self._batch_losses(controlnet, chunk, device)
                 sums = [total + float(loss.double().sum()) for total, loss in zip(sums, losses)]

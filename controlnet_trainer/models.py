@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -177,6 +178,16 @@ def check_xformers(device: torch.device) -> None:
             f"--enable_xformers_memory_efficient_attention needs a CUDA GPU, but training runs on "
             f"{device.type}. Drop the flag."
         )
+
+
+def mixed_precision_autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast for evaluating the fp32 ControlNet beside half-precision frozen models.
+
+    It is the device's own autocast (CPU bf16 included), never a hard-coded CUDA one.
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def make_optimizer(args: argparse.Namespace, params, learning_rate: float) -> torch.optim.Optimizer:

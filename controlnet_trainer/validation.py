@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 from .data import to_rgb
 from .errors import InputError
 from .family import ModelFamily
-from .models import Models
+from .models import Models, mixed_precision_autocast
 
 logger = logging.getLogger(__name__)
 
@@ -74,13 +73,7 @@ def generate(
     """For each (prompt, image path): the conditioning image and ``num_images`` generations."""
     device = pipeline.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    # Mixed precision needs autocast for the fp32 ControlNet beside half-precision frozen
-    # models; it is the device's own autocast, never a hard-coded CUDA one.
-    autocast = (
-        torch.autocast(device.type, dtype=weight_dtype)
-        if weight_dtype != torch.float32
-        else contextlib.nullcontext()
-    )
+    autocast = mixed_precision_autocast(device, weight_dtype)
     results = []
     for prompt, image_path in pairs:
         conditioning = to_rgb(Image.open(image_path), (0, 0, 0)).resize((resolution, resolution))
