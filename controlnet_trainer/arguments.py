@@ -243,7 +243,9 @@ def _data_group(parser: argparse.ArgumentParser) -> None:
         "--train_data_dir",
         type=str,
         default=None,
-        help="A local folder with the training data, loaded with datasets.load_dataset.",
+        help="A local folder with the training data: a dataset folder (parquet, arrow, csv, json), "
+        "a save_to_disk folder, or images with a metadata.jsonl/metadata.csv naming the image, the "
+        "conditioning image and the caption of each row.",
     )
     group.add_argument("--image_column", type=str, default="image")
     group.add_argument("--conditioning_image_column", type=str, default="conditioning_image")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import os
 from collections.abc import Sequence
 
 import datasets
@@ -21,6 +20,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from . import datasources
 from .errors import InputError
 
 
@@ -39,21 +39,14 @@ def load_train_dataset(args: argparse.Namespace) -> datasets.Dataset:
     """The ``train`` split named by --dataset_name or --train_data_dir, columns checked."""
     source = args.dataset_name or args.train_data_dir
     flag = "--dataset_name" if args.dataset_name else "--train_data_dir"
-    if (args.train_data_dir or source.startswith((".", "/", "~"))) and not os.path.exists(source):
-        raise DataError(f"`{flag}` points to {source!r}, which does not exist. Check the path.")
-    try:
-        # Datasets 4+ never runs a dataset's own loading script, so no remote code is executed.
-        loaded = datasets.load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir)
-    except ValueError as error:
-        if "corresponds to no data" in str(error):
-            raise DataError(f"Dataset {source!r} has no rows in its train split; add training data.") from error
-        raise
-    if "train" not in loaded:
-        raise DataError(
-            f"Dataset {source!r} has no 'train' split (it has {sorted(loaded)}); put the training "
-            "rows in a split named train."
-        )
-    train = loaded["train"]
+    train = datasources.load_rows(
+        source,
+        config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir,
+        columns=columns_from_args(args),
+        flag=flag,
+        skip_missing=getattr(args, "skip_bad_images", False),  # the fidelity command has no such flag
+    )
     check_columns(train, columns_from_args(args))
     if len(train) == 0:
         raise DataError(f"Dataset {source!r} has no rows in its train split; add training data.")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import os
 import stat
 from collections.abc import Iterable
@@ -26,6 +27,8 @@ import datasets
 import pyarrow as pa
 
 from . import data
+
+logger = logging.getLogger(__name__)
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # imagefolder's name for the image path, and the names people use beside it for the conditioning image.
@@ -40,8 +43,13 @@ def load_rows(
     cache_dir: str | None,
     columns: data.Columns,
     flag: str = "--dataset_name",
+    skip_missing: bool = False,
 ) -> datasets.Dataset:
-    """The train split of ``source`` (--dataset_name or --train_data_dir, named by ``flag``)."""
+    """The train split of ``source`` (--dataset_name or --train_data_dir, named by ``flag``).
+
+    ``skip_missing`` (--skip_bad_images) leaves out metadata rows whose image files are missing
+    instead of stopping.
+    """
     local = _local_path(source, flag)
     if local is None:
         return _train_split(_load_dataset(source, config_name, cache_dir), source)
@@ -57,7 +65,7 @@ def load_rows(
     metadata = _find_metadata(local)
     if metadata is not None:
         _refuse_config_name(config_name, f"a folder described by {metadata.name}")
-        return load_metadata_folder(metadata, columns)
+        return load_metadata_folder(metadata, columns, skip_missing=skip_missing)
     return _load_local_dataset(local, source, config_name, cache_dir)
 
 
@@ -184,13 +192,14 @@ def _find_metadata(path: Path) -> Path | None:
     return None
 
 
-def load_metadata_folder(metadata: Path, columns: data.Columns) -> datasets.Dataset:
+def load_metadata_folder(metadata: Path, columns: data.Columns, *, skip_missing: bool = False) -> datasets.Dataset:
     """Rows of a metadata file; image paths resolved against its folder, checked and read as images.
 
     The Dataset is built here rather than by load_dataset("imagefolder"), so there is no cache
     that could serve rows of an earlier version of the folder, and its fingerprint covers each
     file's size and write time: an image replaced in place gives a new fingerprint, so caches
-    keyed by it (--cache_latents) are not reused.
+    keyed by it (--cache_latents) are not reused. Rows naming a missing file are an error, or
+    with ``skip_missing`` (--skip_bad_images) left out with a warning.
     """
     lines, rows = _read_metadata(metadata)
     if not rows:
@@ -198,12 +207,57 @@ def load_metadata_folder(metadata: Path, columns: data.Columns) -> datasets.Data
     table = _columns_of(rows, columns)
     image_columns = [name for name in (columns.image, columns.conditioning_image) if name in table]
     folder = metadata.parent.resolve()
-    resolved = {name: [_resolve(folder, value) for value in table[name]] for name in image_columns}
+    written = {name: table[name] for name in image_columns}
+    resolved = {name: [_resolve(folder, value) for value in values] for name, values in written.items()}
     signatures = {name: [_signature(path) for path in paths] for name, paths in resolved.items()}
-    _check_files(metadata, lines, table, resolved, signatures)
-    table.update(resolved)
+    table |= resolved
+    missing = sorted(
+        (row, name) for name, column in signatures.items() for row, sig in enumerate(column) if sig is None
+    )
+    if missing:
+        message = _missing_files_message(metadata, lines, written, resolved, missing)
+        keep = _keep_rows(message, missing, len(lines), skip_missing)
+        lines = [lines[row] for row in keep]
+        table = {name: [values[row] for row in keep] for name, values in table.items()}
+        signatures = {name: [values[row] for row in keep] for name, values in signatures.items()}
     _check_captions(table, columns.caption, lines, metadata)
-    fingerprint = _digest([table, signatures])
+    return _with_fingerprint(_dataset_of(table, image_columns, metadata), _digest([table, signatures]))
+
+
+def _missing_files_message(
+    metadata: Path,
+    lines: list[int],
+    written: dict[str, list],
+    resolved: dict[str, list],
+    missing: list[tuple[int, str]],
+) -> str:
+    """The first missing file, as written and where it was looked for, and how many are missing."""
+    row, name = missing[0]
+    value, path = written[name][row], resolved[name][row]
+    if isinstance(path, str):
+        problem = f"names {value!r} in `{name}`, which does not exist (looked for {path!r})"
+    else:
+        problem = f"has no file path in `{name}` (got {value!r})"
+    total = len(written) * len(lines)
+    return (
+        f"{metadata.name} row {row} (line {lines[row]}) {problem}; {len(missing)} of {total} image files "
+        f"listed in {metadata} are missing (relative paths are read from {metadata.parent.resolve()})."
+    )
+
+
+def _keep_rows(message: str, missing: list[tuple[int, str]], num_rows: int, skip_missing: bool) -> list[int]:
+    if not skip_missing:
+        raise data.DataError(
+            f"{message} Fix the paths or add the files, or pass --skip_bad_images to train without those rows."
+        )
+    keep = sorted(set(range(num_rows)) - {row for row, _ in missing})
+    if not keep:
+        raise data.DataError(f"{message} No row has all its image files; there is nothing to train on.")
+    logger.warning("--skip_bad_images: %s Training on the other %d rows.", message, len(keep))
+    return keep
+
+
+def _dataset_of(table: dict[str, list], image_columns: list[str], metadata: Path) -> datasets.Dataset:
     try:
         dataset = datasets.Dataset.from_dict(table)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
@@ -214,7 +268,7 @@ def load_metadata_folder(metadata: Path, columns: data.Columns) -> datasets.Data
     # Image features decode (and apply EXIF orientation) exactly as for a parquet dataset.
     for name in image_columns:
         dataset = dataset.cast_column(name, datasets.Image())
-    return _with_fingerprint(dataset, fingerprint)
+    return dataset
 
 
 def _read_metadata(metadata: Path) -> tuple[list[int], list[dict]]:
@@ -287,29 +341,6 @@ def _resolve(folder: Path, value: object) -> object:
     if not isinstance(value, str) or not value:
         return value
     return os.path.normpath(folder / Path(value).expanduser())
-
-
-def _check_files(
-    metadata: Path, lines: list[int], table: dict[str, list], resolved: dict[str, list], signatures: dict[str, list]
-) -> None:
-    """Fail before training, naming the first missing file (as written and as looked for) and the count."""
-    missing = [
-        (row, name) for name, column in signatures.items() for row, signature in enumerate(column) if signature is None
-    ]
-    if not missing:
-        return
-    row, name = min(missing, key=lambda entry: entry[0])
-    value, path = table[name][row], resolved[name][row]
-    total = len(signatures) * len(lines)
-    if isinstance(path, str):
-        problem = f"names {value!r} in `{name}`, which does not exist (looked for {path!r})"
-    else:
-        problem = f"has no file path in `{name}` (got {value!r})"
-    raise data.DataError(
-        f"{metadata.name} row {row} (line {lines[row]}) {problem}; {len(missing)} of {total} image "
-        f"files listed in {metadata} are missing. Relative paths are read from {metadata.parent.resolve()}; "
-        "fix the paths or add the files."
-    )
 
 
 def _check_captions(table: dict[str, list], caption: str, lines: list[int], metadata: Path) -> None:

@@ -11,8 +11,8 @@ import argparse
 import csv
 import json
 import logging
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import datasets
@@ -85,22 +85,23 @@ def fill_sample(rng: np.random.Generator, size: int = 64) -> FillSample:
     return FillSample(Image.fromarray(image), Image.fromarray(outline), text)
 
 
-def build_fill_dataset(path: str | Path, num_rows: int = 200, size: int = 64, seed: int = 0) -> Path:
-    """Write a parquet dataset that `datasets.load_dataset(str(path))["train"]` loads."""
-    path = Path(path)
-    rng = np.random.default_rng(seed)
-    samples = [fill_sample(rng, size) for _ in range(num_rows)]
+def _fill_table(samples: Sequence[FillSample]) -> datasets.Dataset:
+    """The samples as a Dataset with Image features, the layout every fill form shares."""
     features = datasets.Features(
         {"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")}
     )
-    dataset = datasets.Dataset.from_dict(
-        {
-            "image": [s.image for s in samples],
-            "conditioning_image": [s.conditioning_image for s in samples],
-            "text": [s.text for s in samples],
-        },
-        features=features,
-    )
+    columns = {
+        "image": [s.image for s in samples],
+        "conditioning_image": [s.conditioning_image for s in samples],
+        "text": [s.text for s in samples],
+    }
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def build_fill_dataset(path: str | Path, num_rows: int = 200, size: int = 64, seed: int = 0) -> Path:
+    """Write a parquet dataset that `datasets.load_dataset(str(path))["train"]` loads."""
+    path = Path(path)
+    dataset = _fill_table(_fill_samples(num_rows, size, seed))
     # No README.md with `configs:`: datasets would cache by folder name and serve stale rows.
     out_file = path / "data" / "train-00000-of-00001.parquet"
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -158,18 +159,7 @@ def write_fill_saved(
 ) -> Path:
     """The fill rows written by save_to_disk: a DatasetDict with a train split, or a bare Dataset."""
     path = Path(path)
-    samples = _fill_samples(num_rows, size, seed)
-    features = datasets.Features(
-        {"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")}
-    )
-    dataset = datasets.Dataset.from_dict(
-        {
-            "image": [s.image for s in samples],
-            "conditioning_image": [s.conditioning_image for s in samples],
-            "text": [s.text for s in samples],
-        },
-        features=features,
-    )
+    dataset = _fill_table(_fill_samples(num_rows, size, seed))
     (datasets.DatasetDict({"train": dataset}) if dict_format else dataset).save_to_disk(str(path))
     return path
 
