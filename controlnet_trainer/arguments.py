@@ -146,6 +146,17 @@ def _schedule_group(parser: argparse.ArgumentParser, resolution: int) -> None:
     group.add_argument("--adam_epsilon", type=float, default=1e-08)
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     group.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.0,
+        help="Add this much per-channel offset noise (0.05-0.1 helps very dark or bright images).",
+    )
+    group.add_argument(
+        "--rescale_betas_zero_snr",
+        action="store_true",
+        help="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023); for v-prediction models.",
+    )
+    group.add_argument(
         "--snr_gamma",
         type=float,
         default=None,

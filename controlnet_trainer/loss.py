@@ -8,10 +8,19 @@ from diffusers.training_utils import compute_snr
 
 
 def sample_noise_and_timesteps(
-    latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator
+    latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator, noise_offset: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gaussian noise like ``latents`` and one uniform timestep per sample, from ``generator``."""
+    """Gaussian noise like ``latents`` and one uniform timestep per sample, from ``generator``.
+
+    ``noise_offset`` adds a per-sample, per-channel constant, which lets the model shift an
+    image's mean brightness (https://www.crosslabs.org/blog/diffusion-with-offset-noise).
+    """
     noise = torch.randn(latents.shape, generator=generator, device=generator.device, dtype=latents.dtype)
+    if noise_offset:
+        offset = torch.randn(
+            (*latents.shape[:2], 1, 1), generator=generator, device=generator.device, dtype=latents.dtype
+        )
+        noise = noise + noise_offset * offset
     timesteps = torch.randint(
         0, num_train_timesteps, (latents.shape[0],), generator=generator, device=generator.device
     )

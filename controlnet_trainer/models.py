@@ -54,7 +54,9 @@ def load_models(args: argparse.Namespace, family: ModelFamily) -> Models:
     else:
         vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=args.variant, **common)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **common)
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **common)
+    noise_scheduler = DDPMScheduler.from_pretrained(
+        base, subfolder="scheduler", rescale_betas_zero_snr=getattr(args, "rescale_betas_zero_snr", False), **common
+    )
     return Models(tokenizers, text_encoders, vae, unet, _load_controlnet(args, unet), noise_scheduler)
 
 

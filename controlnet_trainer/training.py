@@ -244,7 +244,7 @@ def encode_batch(
 def micro_batch_loss(batch, models, family, args, plan, generators, embeddings=None) -> torch.Tensor:
     latents, text = encode_batch(batch, models, family, args, plan, generators, embeddings)
     noise, timesteps = sample_noise_and_timesteps(
-        latents, models.noise_scheduler.config.num_train_timesteps, generators[1]
+        latents, models.noise_scheduler.config.num_train_timesteps, generators[1], args.noise_offset
     )
     return diffusion_loss(
         unet=models.unet,

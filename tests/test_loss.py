@@ -89,3 +89,28 @@ def test_residuals_reach_the_unet(tiny):
     assert altered.item() != pytest.approx(base.item(), rel=1e-4)
     # The conditioning image now changes the prediction (it is ignored while conv_out is zero).
     assert altered.item() != other_image.item()
+
+
+def test_noise_offset_shifts_each_channel_by_a_constant():
+    latents = torch.zeros(3, 4, 8, 8)
+    plain, _ = sample_noise_and_timesteps(latents, 1000, torch.Generator().manual_seed(0))
+    offset, _ = sample_noise_and_timesteps(latents, 1000, torch.Generator().manual_seed(0), 0.1)
+    shift = offset - plain
+    assert shift.abs().max() > 0
+    # One constant per sample and channel: the difference is flat over height and width.
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift))
+    assert shift[..., 0, 0].abs().max() < 0.6  # 0.1 x a standard normal draw
+
+
+def test_zero_terminal_snr_flag_reaches_the_scheduler(assets):
+    import argparse
+
+    from controlnet_trainer.family import SD
+    from controlnet_trainer.models import load_models
+
+    args = argparse.Namespace(
+        pretrained_model_name_or_path=str(assets["sd"]), revision=None, variant=None, cache_dir=None,
+        tokenizer_name=None, controlnet_model_name_or_path=None, rescale_betas_zero_snr=True,
+    )  # fmt: skip
+    scheduler = load_models(args, SD).noise_scheduler
+    assert scheduler.alphas_cumprod[-1].item() < 1e-6  # SNR at the last timestep is zero
