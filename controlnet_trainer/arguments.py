@@ -146,6 +146,13 @@ def _schedule_group(parser: argparse.ArgumentParser, resolution: int) -> None:
     group.add_argument("--adam_epsilon", type=float, default=1e-08)
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
     group.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="Keep an exponential moving average of the ControlNet (diffusers' EMAModel); it is "
+        "checkpointed, used for validation and the fidelity measure, and is what gets saved.",
+    )
+    group.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (with --use_ema).")
+    group.add_argument(
         "--noise_offset",
         type=float,
         default=0.0,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from diffusers import ControlNetModel
+from diffusers.training_utils import EMAModel
 
 from .errors import InputError
 
@@ -47,13 +48,15 @@ class TrainingProgress:
         return cls(**json.loads((directory / STATE_FILE).read_text()))
 
 
-def register_model_hooks(accelerator: Accelerator) -> None:
-    """Save the ControlNet as a diffusers model in checkpoints, and load it back from there."""
+def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None = None) -> None:
+    """Save the ControlNet (and its EMA) as diffusers models in checkpoints, load them back."""
 
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for model in models:
                 accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "controlnet")
+            if ema is not None:
+                ema.save_pretrained(Path(output_dir) / "controlnet_ema")
         # Accelerate would also pickle the weights; the diffusers copy above is enough.
         while weights:
             weights.pop()
@@ -65,6 +68,10 @@ def register_model_hooks(accelerator: Accelerator) -> None:
             model.register_to_config(**loaded.config)
             model.load_state_dict(loaded.state_dict())
             del loaded
+        if ema is not None:
+            saved = EMAModel.from_pretrained(Path(input_dir) / "controlnet_ema", model_cls=ControlNetModel)
+            ema.load_state_dict(saved.state_dict())
+            del saved
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

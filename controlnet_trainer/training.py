@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -17,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import free_memory
+from diffusers.training_utils import EMAModel, free_memory
 from tqdm.auto import tqdm
 
 from . import cache, checkpointing, data, export, fidelity, hub, integrity, plots, tracking, validation
@@ -104,7 +105,8 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         num_cycles=args.lr_num_cycles,
         power=args.lr_power,
     )
-    checkpointing.register_model_hooks(accelerator)
+    ema = make_ema(args, models.controlnet, accelerator.device)
+    checkpointing.register_model_hooks(accelerator, ema)
     models.controlnet, optimizer, loader, lr_scheduler = accelerator.prepare(
         models.controlnet, optimizer, loader, lr_scheduler
     )
@@ -121,7 +123,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         tracking.write_options(output_dir, args, plan, family.name)
     accelerator.init_trackers(args.tracker_project_name, config=tracking.tracker_config(args, plan))
     log_plan(accelerator, plan, progress)
-    if probe is not None and progress.global_step == 0:
+    if probe is not None and progress.global_step == 0:  # the EMA equals the weights here
         metrics.log(probe.evaluate(models.controlnet, accelerator=accelerator).to_metrics(), step=0)
 
     with stop_on_signals() as stop:
@@ -137,10 +139,11 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
             progress,
             metrics,
             stop,
-            Extras(probe, embeddings, offloaded),
+            Extras(probe, embeddings, offloaded, ema),
         )
     if not stopped:
-        finish(accelerator, args, family, models, plan)
+        with averaged_weights(accelerator, models.controlnet, ema):
+            finish(accelerator, args, family, models, plan)
     accelerator.end_training()
     return RunResult(output_dir, progress.global_step, stopped)
 
@@ -270,6 +273,32 @@ class Extras:
     probe: fidelity.FidelityProbe | None = None
     embeddings: cache.EmbeddingCache | None = None
     offloaded: tuple[torch.nn.Module, ...] = ()
+    ema: EMAModel | None = None
+
+
+def make_ema(args: argparse.Namespace, controlnet, device: torch.device) -> EMAModel | None:
+    if not args.use_ema:
+        return None
+    ema = EMAModel(
+        controlnet.parameters(), decay=args.ema_decay, model_cls=type(controlnet), model_config=controlnet.config
+    )
+    ema.to(device)
+    return ema
+
+
+@contextlib.contextmanager
+def averaged_weights(accelerator: Accelerator, controlnet, ema: EMAModel | None):
+    """The EMA weights in the ControlNet for the duration (evaluation, final save), then back."""
+    if ema is None:
+        yield
+        return
+    parameters = list(accelerator.unwrap_model(controlnet).parameters())
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
 
 
 def offload_cached_encoders(args: argparse.Namespace, models: Models) -> tuple[torch.nn.Module, ...]:
@@ -317,6 +346,8 @@ def train_loop(
             losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
+            if extras.ema is not None:
+                extras.ema.step(models.controlnet.parameters())
             progress = advance(progress, epoch, index + 1, len(loader))
             pending.append(torch.stack(losses).mean())
             losses = []
@@ -341,11 +372,12 @@ def train_loop(
                     )
                     return progress, True
             fidelity_every = args.fidelity_steps or args.validation_steps
-            if extras.probe is not None and (progress.global_step % fidelity_every == 0 or last_step):
-                result = extras.probe.evaluate(models.controlnet, accelerator=accelerator)
-                metrics.log(result.to_metrics(), step=progress.global_step)
-            if progress.global_step % args.validation_steps == 0 or last_step:
-                validate(accelerator, args, family, models, plan, progress.global_step, extras.offloaded)
+            with averaged_weights(accelerator, models.controlnet, extras.ema):
+                if extras.probe is not None and (progress.global_step % fidelity_every == 0 or last_step):
+                    result = extras.probe.evaluate(models.controlnet, accelerator=accelerator)
+                    metrics.log(result.to_metrics(), step=progress.global_step)
+                if progress.global_step % args.validation_steps == 0 or last_step:
+                    validate(accelerator, args, family, models, plan, progress.global_step, extras.offloaded)
             step_started = time.perf_counter()  # step times leave out checkpoints and evaluations
             if last_step:
                 break

@@ -225,3 +225,17 @@ def test_logging_steps_reads_the_loss_back_every_n_steps(assets, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # Every 3 steps, before the checkpoint at 5, and at the end.
     assert [r["step"] for r in records] == [3, 5, 6, 7]
+
+
+def test_ema_is_saved_resumed_exactly_and_is_the_final_model(assets, tmp_path):
+    common = dict(max_train_steps=6, use_ema=True, ema_decay=0.5)
+    run(train_argv(assets, tmp_path / "straight", **common))
+    run(train_argv(assets, tmp_path / "resumed", stop_at_step=3, **common))
+    assert (tmp_path / "resumed" / "checkpoint-3" / "controlnet_ema" / "diffusion_pytorch_model.safetensors").is_file()
+    run(train_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **common))
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # The saved model is the average, not the last weights.
+    run(train_argv(assets, tmp_path / "raw", max_train_steps=6))
+    raw = final_weights(tmp_path / "raw")
+    assert any(not torch.equal(raw[k], straight[k]) for k in raw)
