@@ -208,15 +208,18 @@ def make_transform(args: argparse.Namespace) -> data.PairedTransform:
     return data.PairedTransform(args.resolution, data.v2.InterpolationMode[mode.upper()])
 
 
-def step_generators(seed: int, rank: int, epoch: int, batch: int, device: torch.device):
-    """Generators for one micro-batch, a pure function of where training is.
+def step_generators(seed: int, epoch: int, indices, device: torch.device):
+    """Generators for each sample of a micro-batch, keyed on (seed, epoch, dataset index).
 
-    Noise, timesteps, VAE sampling and prompt choice therefore do not depend on how the run
-    got here, which is what makes resume exact.
+    A sample's noise, timestep, VAE draw and caption choice depend only on which sample it is and
+    in which epoch: not on how the run got here (resume is exact), nor on the rank, the micro-batch
+    it landed in or the number of processes, so 2 processes x batch 2 draw what 1 x 4 draws.
     """
-    words = np.random.SeedSequence([seed, rank, epoch, batch]).generate_state(2, dtype=np.uint64)
-    cpu = torch.Generator().manual_seed(int(words[0]))
-    on_device = torch.Generator(device=device).manual_seed(int(words[1]))
+    cpu, on_device = [], []
+    for index in indices:
+        words = np.random.SeedSequence([seed, epoch, int(index)]).generate_state(2, dtype=np.uint64)
+        cpu.append(torch.Generator().manual_seed(int(words[0])))
+        on_device.append(torch.Generator(device=device).manual_seed(int(words[1])))
     return cpu, on_device
 
 
@@ -227,15 +230,23 @@ def encode_batch(
 
     Both paths make the same random draws in the same order, so caching changes nothing but speed.
     """
-    cpu_generator, device_generator = generators
-    picks = data.choose_captions(batch["captions"], args.proportion_empty_prompts, cpu_generator)
+    cpu_generators, device_generators = generators
+    picks = [
+        data.choose_captions([options], args.proportion_empty_prompts, generator)[0]
+        for options, generator in zip(batch["captions"], cpu_generators, strict=True)
+    ]
     scaling = models.vae.config.scaling_factor
     with torch.no_grad():
         if embeddings is not None and embeddings.latent_mean is not None:
-            latents = embeddings.latents(batch["index"], device_generator, scaling)
+            latents = torch.cat(
+                [
+                    embeddings.latents(batch["index"][i : i + 1], generator, scaling)
+                    for i, generator in enumerate(device_generators)
+                ]
+            )
         else:
             pixels = batch["pixel_values"].to(models.vae.device, models.vae.dtype, non_blocking=True)
-            latents = models.vae.encode(pixels).latent_dist.sample(generator=device_generator) * scaling
+            latents = models.vae.encode(pixels).latent_dist.sample(generator=device_generators) * scaling
         if embeddings is not None and embeddings.text_hidden is not None:
             text = embeddings.text(batch["index"], picks, latents.device)
         else:
@@ -246,9 +257,14 @@ def encode_batch(
 
 def micro_batch_loss(batch, models, family, args, plan, generators, embeddings=None) -> torch.Tensor:
     latents, text = encode_batch(batch, models, family, args, plan, generators, embeddings)
-    noise, timesteps = sample_noise_and_timesteps(
-        latents, models.noise_scheduler.config.num_train_timesteps, generators[1], args.noise_offset
-    )
+    per_sample = [
+        sample_noise_and_timesteps(
+            latents[i : i + 1], models.noise_scheduler.config.num_train_timesteps, generator, args.noise_offset
+        )
+        for i, generator in enumerate(generators[1])
+    ]
+    noise = torch.cat([sample_noise for sample_noise, _ in per_sample])
+    timesteps = torch.cat([sample_timesteps for _, sample_timesteps in per_sample])
     return diffusion_loss(
         unet=models.unet,
         controlnet=models.controlnet,
@@ -334,7 +350,7 @@ def train_loop(
         skip = progress.batch_in_epoch if epoch == progress.epoch else 0
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for index, batch in enumerate(batches, start=skip):
-            generators = step_generators(plan.seed, accelerator.process_index, epoch, index, accelerator.device)
+            generators = step_generators(plan.seed, epoch, batch["index"].tolist(), accelerator.device)
             with accelerator.accumulate(models.controlnet):
                 loss = micro_batch_loss(batch, models, family, args, plan, generators, extras.embeddings)
                 accelerator.backward(loss)

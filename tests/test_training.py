@@ -172,7 +172,7 @@ def small_disk(tmp_path):
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
     yield mount_point
-    subprocess.run(["umount", str(mount_point)], check=False)
+    subprocess.run(["umount", "--lazy", str(mount_point)], check=False)  # detach even if a handle lingers
 
 
 def test_disk_full_while_saving_keeps_previous_checkpoint(assets, small_disk):

@@ -1,0 +1,225 @@
+"""Two real processes on CPU (gloo DDP): sharding, gradient averaging, checkpoints, resume, validation.
+
+`accelerate launch --cpu --num_processes 2` starts a single process; two gloo ranks on CPU need
+`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2`. Three launches in all
+(about 25 s each on two cores, mostly imports) plus one in-process single-process reference run.
+
+What each rank trained on is observed through a small wrapper script that records the dataset
+indices of every micro-batch per rank (``batch["index"]``) and then runs the trainer unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from conftest import train_argv
+from safetensors.torch import load_file
+
+from controlnet_trainer import training
+from controlnet_trainer.cli import run
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+LAUNCH_TIMEOUT = 600  # generous: a rank stuck in a collective shows up as a timeout, with its output
+
+# 24 rows; 2 ranks x 2 = a global batch of 4, so 6 steps per epoch: 8 steps cross into epoch 1.
+STEPS = 8
+FLAGS = {
+    "max_train_steps": STEPS,
+    "lr_scheduler": "linear",
+    "lr_warmup_steps": 2,
+    "checkpointing_steps": 4,
+    "validation_steps": 2,
+    "validation_prompt": "red circle with blue background",
+    "num_validation_images": 1,
+}
+
+# Records each micro-batch's dataset indices per rank, then runs the real entry point.
+PROBE = """\
+import json, os, sys
+from accelerate.state import PartialState
+from controlnet_trainer import cli, training
+
+_loss = training.micro_batch_loss
+
+def _recorded(batch, *args, **kwargs):
+    rank = PartialState().process_index
+    with open(os.path.join(os.environ["PROBE_DIR"], f"rank{rank}.jsonl"), "a") as handle:
+        handle.write(json.dumps(batch["index"].tolist()) + "\\n")
+    return _loss(batch, *args, **kwargs)
+
+training.micro_batch_loss = _recorded
+sys.argv[0] = "train_controlnet.py"
+cli.main()
+"""
+
+
+def script_env(**extra) -> dict:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("ACCELERATE_CONFIG_FILE", None)
+    return env | {"ACCELERATE_USE_CPU": "true"} | extra
+
+
+def launch_two(script: Path, argv: list[str], **env) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
+        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", str(script), *argv,
+    ]  # fmt: skip
+    # Own process group, so that a hang is ended by killing the launcher and both ranks.
+    process = subprocess.Popen(
+        command, env=script_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"two-process run hung for {LAUNCH_TIMEOUT}s; stderr tail:\n{stderr[-5000:]}")
+    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    assert done.returncode == 0, f"two-process run failed ({done.returncode}):\n{done.stderr[-5000:]}"
+    return done
+
+
+def flags(assets: dict, **extra) -> dict:
+    # A fixed starting ControlNet, so that "how far the weights moved" has a reference.
+    start = {"validation_image": assets["validation"], "controlnet_model_name_or_path": assets["controlnet"]}
+    return FLAGS | start | extra
+
+
+def read_probe(directory: Path, rank: int) -> list[list[int]]:
+    return [json.loads(line) for line in (directory / f"rank{rank}.jsonl").read_text().splitlines()]
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(assets, tmp_path_factory) -> dict:
+    """The uninterrupted two-process run, 2 samples per rank, with validation every 2 steps."""
+    root = tmp_path_factory.mktemp("two-process")
+    probe_script, probe_dir = root / "probe.py", root / "probe"
+    probe_script.write_text(PROBE)
+    probe_dir.mkdir()
+    output_dir = root / "out"
+    done = launch_two(
+        probe_script, train_argv(assets, output_dir, train_batch_size=2, **flags(assets)), PROBE_DIR=str(probe_dir)
+    )
+    return {"output_dir": output_dir, "stderr": done.stderr, "ranks": [read_probe(probe_dir, r) for r in (0, 1)]}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(assets, tmp_path_factory) -> dict:
+    """The same run in one process with the same global batch (4), in-process."""
+    output_dir = tmp_path_factory.mktemp("one-process") / "out"
+    seen: list[list[int]] = []
+    loss = training.micro_batch_loss
+
+    def recorded(batch, *args, **kwargs):
+        seen.append(batch["index"].tolist())
+        return loss(batch, *args, **kwargs)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as accelerate launch gives each rank; spare a small, shared box
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(training, "micro_batch_loss", recorded)
+            run(train_argv(assets, output_dir, train_batch_size=4, **flags(assets)))
+    finally:
+        torch.set_num_threads(threads)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    return {"output_dir": output_dir, "batches": seen}
+
+
+def test_each_rank_trains_on_its_own_half_of_every_global_batch(two_process_run, one_process_run):
+    rank0, rank1 = two_process_run["ranks"]
+    assert len(rank0) == len(rank1) == STEPS
+    assert all(len(batch) == 2 for batch in rank0 + rank1)
+    for step, (a, b, whole) in enumerate(zip(rank0, rank1, one_process_run["batches"], strict=True)):
+        assert not set(a) & set(b), f"step {step + 1}: both ranks trained on {set(a) & set(b)}"
+        assert sorted(a + b) == sorted(whole), f"step {step + 1}: ranks {a} + {b}, one process {whole}"
+    first_epoch = [index for batch in rank0[:6] + rank1[:6] for index in batch]
+    assert sorted(first_epoch) == list(range(24)), "epoch 0 must visit every row exactly once"
+
+
+def test_metrics_are_logged_once_by_the_main_process(two_process_run):
+    logged = metrics(two_process_run["output_dir"])
+    assert [r["step"] for r in logged] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(r["loss"]) for r in logged)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(assets, two_process_run, one_process_run):
+    """Averaged gradients over 2 x 2 samples must equal the gradient over the same 4 samples."""
+    two, one = metrics(two_process_run["output_dir"]), metrics(one_process_run["output_dir"])
+    assert [r["lr"] for r in two] == pytest.approx([r["lr"] for r in one], rel=1e-12)
+    start = load_file(Path(assets["controlnet"]) / WEIGHTS)
+    a = load_file(two_process_run["output_dir"] / WEIGHTS)
+    b = load_file(one_process_run["output_dir"] / WEIGHTS)
+    assert a.keys() == b.keys() == start.keys()
+    moved = math.sqrt(sum(((b[k].double() - start[k].double()) ** 2).sum().item() for k in b))
+    apart = math.sqrt(sum(((a[k].double() - b[k].double()) ** 2).sum().item() for k in b))
+    losses = [(r2["loss"], r1["loss"]) for r2, r1 in zip(two, one)]
+    assert moved > 1e-2, "training did not move the weights"
+    # Same samples, same per-sample noise and timesteps: only float summation order differs. Noise
+    # keyed on (rank, micro-batch) instead of on the sample puts this ratio above 1.
+    same_losses = [l2 for l2, _ in losses] == pytest.approx([l1 for _, l1 in losses], rel=1e-4)
+    assert apart / moved < 1e-3 and same_losses, (
+        f"two processes moved {apart / moved:.2e} of the update away from one process; "
+        f"losses (2 procs, 1 proc): {losses}"
+    )
+
+
+def test_checkpoints_are_written_once_and_completely(two_process_run):
+    output_dir = two_process_run["output_dir"]
+    assert sorted(p.name for p in output_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-4", "checkpoint-8"]
+    expected = {
+        "controlnet", "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "random_states_1.pkl",
+        "training_state.json",
+    }  # fmt: skip
+    for step in (4, 8):
+        checkpoint = output_dir / f"checkpoint-{step}"
+        assert {p.name for p in checkpoint.iterdir()} == expected, f"{checkpoint}: {sorted(os.listdir(checkpoint))}"
+        assert json.loads((checkpoint / "training_state.json").read_text())["global_step"] == step
+        assert (checkpoint / "controlnet" / WEIGHTS).is_file() and (checkpoint / "controlnet" / "config.json").is_file()
+        assert torch.load(checkpoint / "optimizer.bin", weights_only=False)["state"], "empty optimizer state"
+        for rank in (0, 1):
+            assert (checkpoint / f"random_states_{rank}.pkl").stat().st_size > 0
+        assert two_process_run["stderr"].count(f"Saved state to {checkpoint}\n") == 1
+    final, last = load_file(output_dir / WEIGHTS), load_file(output_dir / "checkpoint-8" / "controlnet" / WEIGHTS)
+    assert all(torch.equal(final[k], last[k]) for k in final)
+
+
+def test_validation_on_the_main_process_does_not_stall_the_other_rank(two_process_run):
+    images = sorted(p.name for p in (two_process_run["output_dir"] / "validation").iterdir())
+    assert images == [f"step-{s:06d}.png" for s in (2, 4, 6, 8)]
+    assert two_process_run["stderr"].count("Running validation at step 2\n") == 1
+
+
+def test_stop_and_resume_in_two_processes_matches_the_uninterrupted_run(assets, tmp_path, two_process_run):
+    output_dir = tmp_path / "out"
+    argv = train_argv(assets, output_dir, train_batch_size=2, **flags(assets))
+    stopped = launch_two(ROOT / "train_controlnet.py", [*argv, "--stop_at_step=3"])
+    assert "--resume_from_checkpoint=latest" in stopped.stderr
+    assert sorted(p.name for p in output_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+    assert not (output_dir / WEIGHTS).exists()
+    assert {p.name for p in (output_dir / "checkpoint-3").iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl"}
+
+    resumed = launch_two(ROOT / "train_controlnet.py", [*argv, "--resume_from_checkpoint=latest"])
+    assert "Resumed from" in resumed.stderr and "at step 3" in resumed.stderr
+    straight_dir = two_process_run["output_dir"]
+    resumed_log = [(r["step"], r["loss"], r["lr"]) for r in metrics(output_dir)]
+    assert resumed_log == [(r["step"], r["loss"], r["lr"]) for r in metrics(straight_dir)]  # bit for bit
+    a, b = load_file(output_dir / WEIGHTS), load_file(straight_dir / WEIGHTS)
+    different = [k for k in b if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
