@@ -40,13 +40,15 @@ def run_training(flags: list[str], env: dict, *, sdxl: bool = False) -> dict:
     script = "train_controlnet_sdxl.py" if sdxl else "train_controlnet.py"
     command = [sys.executable, str(ROOT / script), *flags]
     output_dir = Path(next(f.split("=", 1)[1] for f in flags if f.startswith("--output_dir=")))
+    log = output_dir.with_name(output_dir.name + ".log")
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
+    # stderr goes to a file: a pipe read only at the end would fill up and stall the run.
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
-    stderr = process.stderr.read()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"training failed: {' '.join(command)}\n{stderr[-3000:]}")
+        raise RuntimeError(f"training failed: {' '.join(command)}\n{log.read_text()[-3000:]}")
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     return {"wall_seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "records": records}
 
