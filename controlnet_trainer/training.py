@@ -119,7 +119,6 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         # Records of steps past the checkpoint (or of a run killed before its first one) are
         # replaced by the ones this run writes.
         metrics.drop_after(progress.global_step)
-    if accelerator.is_main_process:
         tracking.write_options(output_dir, args, plan, family.name)
     accelerator.init_trackers(args.tracker_project_name, config=tracking.tracker_config(args, plan))
     log_plan(accelerator, plan, progress)
