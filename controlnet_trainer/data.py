@@ -234,22 +234,14 @@ def make_dataloader(
     )
 
 
-def choose_captions(
-    captions: Sequence[Sequence[str]], proportion_empty: float, generator: torch.Generator
-) -> list[int]:
-    """Per sample, the index of the caption to use (random among several), or -1 for the empty
-    prompt, which replaces a caption with probability ``proportion_empty``."""
-    picks = []
-    for options in captions:
-        pick = int(torch.randint(len(options), (1,), generator=generator)) if len(options) > 1 else 0
-        dropped = float(torch.rand((), generator=generator)) < proportion_empty
-        picks.append(-1 if dropped else pick)
-    return picks
+def choose_caption(options: Sequence[str], proportion_empty: float, generator: torch.Generator) -> int:
+    """Index of the caption to use (random among several), or -1 for the empty prompt, which
+    replaces the caption with probability ``proportion_empty``."""
+    pick = int(torch.randint(len(options), (1,), generator=generator)) if len(options) > 1 else 0
+    dropped = float(torch.rand((), generator=generator)) < proportion_empty
+    return -1 if dropped else pick
 
 
-def choose_prompts(
-    captions: Sequence[Sequence[str]], proportion_empty: float, generator: torch.Generator
-) -> list[str]:
-    """The prompt strings of ``choose_captions``."""
-    picks = choose_captions(captions, proportion_empty, generator)
-    return ["" if pick < 0 else options[pick] for options, pick in zip(captions, picks)]
+def caption_text(options: Sequence[str], pick: int) -> str:
+    """The prompt a ``choose_caption`` result stands for."""
+    return "" if pick < 0 else options[pick]

@@ -231,7 +231,7 @@ def encode_batch(
     """
     cpu_generators, device_generators = generators
     picks = [
-        data.choose_captions([options], args.proportion_empty_prompts, generator)[0]
+        data.choose_caption(options, args.proportion_empty_prompts, generator)
         for options, generator in zip(batch["captions"], cpu_generators, strict=True)
     ]
     scaling = models.vae.config.scaling_factor
@@ -249,7 +249,7 @@ def encode_batch(
         if embeddings is not None and embeddings.text_hidden is not None:
             text = embeddings.text(batch["index"], picks, latents.device)
         else:
-            prompts = ["" if pick < 0 else options[pick] for options, pick in zip(batch["captions"], picks)]
+            prompts = [data.caption_text(options, pick) for options, pick in zip(batch["captions"], picks)]
             text = family.encode(models.tokenizers, models.text_encoders, prompts)
     return latents.to(plan.weight_dtype), text
 

@@ -128,10 +128,9 @@ def run_validation(
     weight_dtype: torch.dtype,
     step: int,
     seed: int,
-) -> Path | None:
-    """Generate, write ``validation/step-<step>.png`` and log; main process only."""
-    if not args.validation_prompt or not accelerator.is_main_process:
-        return None
+) -> Path:
+    """Generate, write ``validation/step-<step>.png`` and log (the caller runs it on the main
+    process, when validation prompts are given)."""
     logger.info("Running validation at step %d", step)
     controlnet = accelerator.unwrap_model(models.controlnet)
     was_training = controlnet.training

@@ -16,7 +16,8 @@ from controlnet_trainer.data import (
     DataError,
     PairedTransform,
     check_columns,
-    choose_prompts,
+    caption_text,
+    choose_caption,
     collate,
     load_train_dataset,
     to_rgb,
@@ -111,6 +112,11 @@ def test_to_rgb_converts_every_mode_correctly():
     palette = Image.new("P", (4, 4), 3)
     palette.putpalette([0, 0, 0] * 3 + [1, 2, 3] + [0, 0, 0] * 252)
     assert np.asarray(to_rgb(palette, (0, 0, 0)))[0, 0].tolist() == [1, 2, 3]
+
+
+def choose_prompts(captions, proportion_empty: float, generator: torch.Generator) -> list[str]:
+    """Prompts for many samples drawn from one generator, as the tests below need."""
+    return [caption_text(options, choose_caption(options, proportion_empty, generator)) for options in captions]
 
 
 def test_prompt_dropout_rate_and_determinism():
