@@ -181,8 +181,8 @@ class ControlNetDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         # Photos with transparency usually sit on white; control maps (edges, poses) on black.
-        conditioning = to_rgb(_open(row[self.columns.conditioning_image]), (0, 0, 0))
-        image = _open(row[self.columns.image])
+        conditioning = to_rgb(open_image(row[self.columns.conditioning_image]), (0, 0, 0))
+        image = open_image(row[self.columns.image])
         if self.with_image:
             sample = self.transform(to_rgb(image, (255, 255, 255)), conditioning)
         else:
@@ -193,8 +193,9 @@ class ControlNetDataset(torch.utils.data.Dataset):
         return sample
 
 
-def _open(value: object) -> Image.Image:
-    """An Image feature gives PIL images; a string column gives a path to open."""
+def open_image(value: object) -> Image.Image:
+    """An image cell as PIL: decoded Image features pass through, undecoded ones ({bytes, path})
+    and path strings are opened (lazily: PIL reads pixels only when they are used)."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, str):

@@ -8,14 +8,13 @@ than --resolution are counted and reported, because they are upscaled and come o
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 
 import datasets
 import torch
 from PIL import Image
 
-from .data import Columns, DataError
+from .data import Columns, DataError, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +50,7 @@ def _describe(value) -> str:
 
 
 def _load(value) -> Image.Image:
-    if isinstance(value, str):
-        image = Image.open(value)
-    elif isinstance(value, dict) and value.get("bytes"):
-        image = Image.open(io.BytesIO(value["bytes"]))
-    elif isinstance(value, dict) and value.get("path"):
-        image = Image.open(value["path"])
-    else:
-        raise ValueError(f"not an image or a path ({type(value).__name__})")
+    image = open_image(value)
     image.load()  # decodes fully: truncated files fail here, not at open
     return image
 
