@@ -104,7 +104,7 @@ class EmbeddingCache:
 
 
 def _captions(rows: datasets.Dataset, column: str) -> list[list[str]]:
-    return [[c] if isinstance(c, str) else list(c) for c in rows[column]]
+    return [data.caption_options(cell) for cell in rows[column]]
 
 
 def _write(directory: Path, name: str, array: np.ndarray) -> None:

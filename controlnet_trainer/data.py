@@ -187,10 +187,14 @@ class ControlNetDataset(torch.utils.data.Dataset):
             sample = self.transform(to_rgb(image, (255, 255, 255)), conditioning)
         else:
             sample = self.transform.conditioning_only(conditioning, self.transform.geometry(image.height, image.width))
-        caption = row[self.columns.caption]
-        sample["captions"] = [caption] if isinstance(caption, str) else list(caption)
+        sample["captions"] = caption_options(row[self.columns.caption])
         sample["index"] = index
         return sample
+
+
+def caption_options(cell: str | Sequence[str]) -> list[str]:
+    """A caption cell as a list: one string, or the several a row may carry."""
+    return [cell] if isinstance(cell, str) else list(cell)
 
 
 def open_image(value: object) -> Image.Image:
