@@ -42,9 +42,7 @@ def _model_group(parser: argparse.ArgumentParser) -> None:
         help="ControlNet to start from. If absent, the ControlNet is built from the UNet's weights.",
     )
     group.add_argument("--revision", type=str, default=None, help="Revision of the base model to load.")
-    group.add_argument(
-        "--variant", type=str, default=None, help="Variant of the model files to load, e.g. fp16."
-    )
+    group.add_argument("--variant", type=str, default=None, help="Variant of the model files to load, e.g. fp16.")
     group.add_argument(
         "--tokenizer_name",
         type=str,
@@ -52,9 +50,7 @@ def _model_group(parser: argparse.ArgumentParser) -> None:
         help="Tokenizer to use instead of the base model's (for SDXL: a repo with tokenizer/ and "
         "tokenizer_2/ subfolders).",
     )
-    group.add_argument(
-        "--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored."
-    )
+    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
 
 
 def _output_group(parser: argparse.ArgumentParser, project_name: str) -> None:
@@ -136,9 +132,7 @@ def _schedule_group(parser: argparse.ArgumentParser, resolution: int) -> None:
     )
     group.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS)
     group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the schedule.")
-    group.add_argument(
-        "--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts."
-    )
+    group.add_argument("--lr_num_cycles", type=int, default=1, help="Hard resets of cosine_with_restarts.")
     group.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
     group.add_argument("--adam_beta1", type=float, default=0.9)
     group.add_argument("--adam_beta2", type=float, default=0.999)
@@ -203,12 +197,8 @@ def _checkpoint_group(parser: argparse.ArgumentParser) -> None:
 def _speed_group(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("memory and speed")
     group.add_argument("--gradient_checkpointing", action="store_true")
-    group.add_argument(
-        "--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW."
-    )
-    group.add_argument(
-        "--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs."
-    )
+    group.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     group.add_argument(
         "--mixed_precision",
         type=str,
@@ -268,8 +258,21 @@ def _data_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image_column", type=str, default="image")
     group.add_argument("--conditioning_image_column", type=str, default="conditioning_image")
     group.add_argument("--caption_column", type=str, default="text")
+    group.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N samples only.")
     group.add_argument(
-        "--max_train_samples", type=int, default=None, help="Train on the first N samples only."
+        "--streaming",
+        action="store_true",
+        help="Read the training rows as a stream (datasets' IterableDataset) instead of loading the "
+        "dataset first: for data larger than the disk or memory, and for WebDataset tar shards. "
+        "Needs --max_train_steps or --max_train_samples (a stream's length is not known), cannot be "
+        "combined with --cache_latents/--cache_text_embeddings, and resumes at its exact position.",
+    )
+    group.add_argument(
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="With --streaming: rows held in the shuffle buffer (per data-loader worker). Larger "
+        "mixes better and costs memory; the shard order is shuffled too, every epoch.",
     )
     group.add_argument(
         "--skip_bad_images",
@@ -281,8 +284,7 @@ def _data_group(parser: argparse.ArgumentParser) -> None:
         "--proportion_empty_prompts",
         type=float,
         default=0,
-        help="Fraction of captions replaced by the empty prompt, drawn afresh for every sample "
-        "at every step.",
+        help="Fraction of captions replaced by the empty prompt, drawn afresh for every sample at every step.",
     )
 
 
@@ -367,9 +369,7 @@ def _sdxl_group(parser: argparse.ArgumentParser) -> None:
         choices=INTERPOLATION_MODES,
         help="torchvision interpolation used to resize images.",
     )
-    group.add_argument(
-        "--enable_npu_flash_attention", action="store_true", help="Use NPU flash attention."
-    )
+    group.add_argument("--enable_npu_flash_attention", action="store_true", help="Use NPU flash attention.")
 
 
 def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
@@ -403,8 +403,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgumentError("Specify only one of `--dataset_name` or `--train_data_dir`, not both.")
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise ArgumentError(
-            f"`--proportion_empty_prompts` must be in the range [0, 1], got "
-            f"{args.proportion_empty_prompts}."
+            f"`--proportion_empty_prompts` must be in the range [0, 1], got {args.proportion_empty_prompts}."
         )
     _check_validation_pairs(args.validation_prompt, args.validation_image)
     if args.resolution % 8 != 0:
@@ -429,8 +428,27 @@ def check_args(args: argparse.Namespace) -> None:
             f"`--fidelity_samples` must be 0 (off) or at least 2, got {args.fidelity_samples}: the control "
             "gap compares each sample with another sample's conditioning image."
         )
+    _check_streaming(args)
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ArgumentError(f"`--snr_gamma` must be positive (5.0 is typical), got {args.snr_gamma}.")
+
+
+def _check_streaming(args: argparse.Namespace) -> None:
+    if not args.streaming:
+        return
+    cached = [flag for flag in ("cache_latents", "cache_text_embeddings") if getattr(args, flag)]
+    if cached:
+        raise ArgumentError(
+            f"A streaming dataset cannot be cached: `--streaming` reads each row as it trains, while "
+            f"`--{cached[0]}` encodes every row before training. Drop `--streaming` to cache (the data "
+            "must then fit on disk), or drop the cache flags."
+        )
+    if args.max_train_steps is None and args.max_train_samples is None:
+        raise ArgumentError(
+            "`--streaming` cannot count the rows before training, so --num_train_epochs has nothing to "
+            "multiply; pass `--max_train_steps` (or `--max_train_samples`, the number of rows to stream "
+            "per epoch)."
+        )
 
 
 def _check_validation_pairs(prompts: Sequence[str] | None, images: Sequence[str] | None) -> None:
@@ -456,6 +474,7 @@ def _check_positive(args: argparse.Namespace) -> None:
         "num_validation_images",
         "fidelity_timesteps",
         "logging_steps",
+        "shuffle_buffer_size",
     ):
         value = getattr(args, name)
         if value < 1:

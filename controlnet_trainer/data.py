@@ -57,9 +57,18 @@ def columns_from_args(args: argparse.Namespace) -> Columns:
     return Columns(args.image_column, args.conditioning_image_column, args.caption_column)
 
 
-def check_columns(dataset: datasets.Dataset, columns: Columns) -> None:
-    """Fail before training if a column is missing or the captions are not text."""
-    names = dataset.column_names
+def check_columns(dataset: datasets.Dataset | datasets.IterableDataset, columns: Columns) -> None:
+    """Fail before training if a column is missing or the captions are not text.
+
+    A stream whose features are not declared is checked on its first row.
+    """
+    features = dataset.features
+    if features is None:
+        first = next(iter(dataset), None)
+        if first is None:
+            raise DataError("The dataset has no rows in its train split; add training data.")
+        features = datasets.Features({name: _feature_of(value) for name, value in first.items()})
+    names = list(features)
     for flag, name in (
         ("--image_column", columns.image),
         ("--conditioning_image_column", columns.conditioning_image),
@@ -70,12 +79,21 @@ def check_columns(dataset: datasets.Dataset, columns: Columns) -> None:
                 f"`{flag}` value {name!r} is not a column of the dataset; its columns are "
                 f"{names}. Pass `{flag}=<one of those>`."
             )
-    caption_feature = dataset.features[columns.caption]
+    caption_feature = features[columns.caption]
     if not _is_text_feature(caption_feature):
         raise DataError(
             f"Caption column `{columns.caption}` should contain either strings or lists of "
             f"strings, but its type is {caption_feature}. Point `--caption_column` at the text."
         )
+
+
+def _feature_of(value: object) -> object:
+    """The feature a value of an undeclared stream stands for, as far as the checks need it."""
+    if isinstance(value, str):
+        return datasets.Value("string")
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        return datasets.List(datasets.Value("string"))
+    return datasets.Value("null")
 
 
 def _is_text_feature(feature: object) -> bool:
@@ -179,17 +197,23 @@ class ControlNetDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        row = self.rows[index]
-        # Photos with transparency usually sit on white; control maps (edges, poses) on black.
-        conditioning = to_rgb(open_image(row[self.columns.conditioning_image]), (0, 0, 0))
-        image = open_image(row[self.columns.image])
-        if self.with_image:
-            sample = self.transform(to_rgb(image, (255, 255, 255)), conditioning)
-        else:
-            sample = self.transform.conditioning_only(conditioning, self.transform.geometry(image.height, image.width))
-        sample["captions"] = caption_options(row[self.columns.caption])
-        sample["index"] = index
-        return sample
+        return make_sample(self.rows[index], index, self.columns, self.transform, with_image=self.with_image)
+
+
+def make_sample(
+    row: dict, index: int, columns: Columns, transform: PairedTransform, *, with_image: bool = True
+) -> dict:
+    """One row as tensors; ``index`` identifies the sample to the step's random draws."""
+    # Photos with transparency usually sit on white; control maps (edges, poses) on black.
+    conditioning = to_rgb(open_image(row[columns.conditioning_image]), (0, 0, 0))
+    image = open_image(row[columns.image])
+    if with_image:
+        sample = transform(to_rgb(image, (255, 255, 255)), conditioning)
+    else:
+        sample = transform.conditioning_only(conditioning, transform.geometry(image.height, image.width))
+    sample["captions"] = caption_options(row[columns.caption])
+    sample["index"] = index
+    return sample
 
 
 def caption_options(cell: str | Sequence[str]) -> list[str]:

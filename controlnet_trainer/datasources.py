@@ -9,7 +9,13 @@
    folder nobody knows later, which is where diffusers' script crashes; here both become images
    read from paths resolved against the folder, and every file is checked before training.
 
-Only the train split is returned; data.py checks its columns.
+4. WebDataset tar shards (``<key>.<field>.<ext>`` files, read by datasets' webdataset loader):
+   a column named ``image.png`` answers to ``--image_column=image``, so the default column
+   names work for shards written as ``<key>.image.png``, ``<key>.conditioning_image.png`` and
+   ``<key>.text.txt``.
+
+``load_stream`` reads the same sources as a stream (--streaming). Only the train split is
+returned; data.py checks its columns.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # imagefolder's name for the image path, and the names people use beside it for the conditioning image.
 IMAGE_ALIASES = ("file_name",)
 CONDITIONING_ALIASES = ("conditioning_image_file_name", "conditioning_file_name")
+# An indexed dataset streamed with --streaming is cut into this many shards, so that shuffling
+# the shard order every epoch mixes it beyond the reach of the shuffle buffer.
+STREAM_SHARDS = 64
 
 
 def load_rows(
@@ -50,15 +59,59 @@ def load_rows(
     ``skip_missing`` (--skip_bad_images) leaves out metadata rows whose image files are missing
     instead of stopping.
     """
+    return webdataset_columns(_load_rows(source, config_name, cache_dir, columns, flag, skip_missing))
+
+
+def load_stream(
+    source: str, *, config_name: str | None, cache_dir: str | None, columns: data.Columns, flag: str
+) -> datasets.IterableDataset:
+    """The train split of ``source`` as a stream: rows are read as training reaches them.
+
+    Hub ids and dataset folders stream from their files without being converted to a local arrow
+    cache first; a save_to_disk folder or a metadata folder is small enough to index and is
+    streamed from its arrow files.
+    """
+    local = _local_path(source, flag)
+    if local is not None and (_is_saved_dataset(local) or _find_metadata(local) is not None):
+        rows = _load_rows(source, config_name, cache_dir, columns, flag, skip_missing=False)
+        return webdataset_columns(rows.to_iterable_dataset(num_shards=min(len(rows), STREAM_SHARDS)))
+    if local is not None:
+        _refuse_file(local, source, flag)
+    stream = _load_dataset(source if local is None else str(local), config_name, cache_dir, streaming=True)
+    return webdataset_columns(_train_split(stream, source))
+
+
+def webdataset_columns(rows: datasets.Dataset | datasets.IterableDataset):
+    """Rows of WebDataset shards with ``image.png``-style columns renamed to ``image``.
+
+    The webdataset loader names a column by everything after the key, extension included; users
+    (and the column flags' defaults) name the field. A name is only shortened when no other
+    column would take the same name.
+    """
+    names = rows.column_names or []
+    if "__key__" not in names:
+        return rows
+    stems = [name.split(".", 1)[0] for name in names]
+    renames = {
+        name: stem
+        for name, stem in zip(names, stems, strict=True)
+        if stem != name and stems.count(stem) == 1 and stem not in names
+    }
+    return rows.rename_columns(renames) if renames else rows
+
+
+def _load_rows(
+    source: str,
+    config_name: str | None,
+    cache_dir: str | None,
+    columns: data.Columns,
+    flag: str,
+    skip_missing: bool,
+) -> datasets.Dataset:
     local = _local_path(source, flag)
     if local is None:
         return _train_split(_load_dataset(source, config_name, cache_dir), source)
-    if local.is_file() and local.name not in METADATA_FILES:
-        raise data.DataError(
-            f"`{flag}` points to the file {source!r}; point it at the folder holding the data: a "
-            "dataset folder (parquet, arrow, csv or json files), a folder written by save_to_disk, "
-            f"or a folder of images with one of {list(METADATA_FILES)}."
-        )
+    _refuse_file(local, source, flag)
     if _is_saved_dataset(local):
         _refuse_config_name(config_name, "a dataset written by save_to_disk")
         return _load_saved(local, source)
@@ -67,6 +120,15 @@ def load_rows(
         _refuse_config_name(config_name, f"a folder described by {metadata.name}")
         return load_metadata_folder(metadata, columns, skip_missing=skip_missing)
     return _load_local_dataset(local, source, config_name, cache_dir)
+
+
+def _refuse_file(local: Path, source: str, flag: str) -> None:
+    if local.is_file() and local.name not in METADATA_FILES:
+        raise data.DataError(
+            f"`{flag}` points to the file {source!r}; point it at the folder holding the data: a "
+            "dataset folder (parquet, arrow, csv, json or WebDataset tar files), a folder written by "
+            f"save_to_disk, or a folder of images with one of {list(METADATA_FILES)}."
+        )
 
 
 def _local_path(source: str, flag: str) -> Path | None:
@@ -87,8 +149,9 @@ def _refuse_config_name(config_name: str | None, what: str) -> None:
         )
 
 
-def _train_split(loaded: datasets.DatasetDict | datasets.Dataset, source: str) -> datasets.Dataset:
-    if isinstance(loaded, datasets.Dataset):
+def _train_split(loaded, source: str):
+    """The train split of a DatasetDict or IterableDatasetDict (a bare split passes through)."""
+    if isinstance(loaded, (datasets.Dataset, datasets.IterableDataset)):
         return loaded
     if "train" not in loaded:
         raise data.DataError(
@@ -98,7 +161,7 @@ def _train_split(loaded: datasets.DatasetDict | datasets.Dataset, source: str) -
     return loaded["train"]
 
 
-def _load_dataset(path: str, config_name: str | None, cache_dir: str | None, **options) -> datasets.DatasetDict:
+def _load_dataset(path: str, config_name: str | None, cache_dir: str | None, **options):
     try:
         # Datasets 4+ never runs a dataset's own loading script, so no remote code is executed.
         return datasets.load_dataset(path, config_name, cache_dir=cache_dir, **options)

@@ -320,9 +320,14 @@ def heldout_rows(
         return rows, None
     if args.fidelity_dataset is None:
         return split_heldout(rows, args.fidelity_samples, seed)
+    return rows, heldout_from_dataset(args)
+
+
+def heldout_from_dataset(args: argparse.Namespace) -> datasets.Dataset:
+    """The first --fidelity_samples rows of --fidelity_dataset."""
     source = argparse.Namespace(**(vars(args) | {"dataset_name": args.fidelity_dataset, "train_data_dir": None}))
     held_out = data.load_train_dataset(source)
-    return rows, held_out.select(range(min(args.fidelity_samples, len(held_out))))
+    return held_out.select(range(min(args.fidelity_samples, len(held_out))))
 
 
 def probe_for_training(

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -162,6 +164,37 @@ def write_fill_saved(
     dataset = _fill_table(_fill_samples(num_rows, size, seed))
     (datasets.DatasetDict({"train": dataset}) if dict_format else dataset).save_to_disk(str(path))
     return path
+
+
+def write_fill_webdataset(
+    path: str | Path, num_rows: int = 200, size: int = 64, seed: int = 0, *, rows_per_shard: int = 50
+) -> Path:
+    """The fill rows as WebDataset tar shards: ``<key>.image.png``, ``<key>.conditioning_image.png``
+    and ``<key>.text.txt`` per row, ``rows_per_shard`` rows per ``train-NNNNN.tar``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    samples = _fill_samples(num_rows, size, seed)
+    for shard, start in enumerate(range(0, num_rows, rows_per_shard)):
+        with tarfile.open(path / f"train-{shard:05d}.tar", "w") as tar:
+            for index in range(start, min(start + rows_per_shard, num_rows)):
+                sample = samples[index]
+                key = f"{index:08d}"
+                _add_to_tar(tar, f"{key}.image.png", _png_bytes(sample.image))
+                _add_to_tar(tar, f"{key}.conditioning_image.png", _png_bytes(sample.conditioning_image))
+                _add_to_tar(tar, f"{key}.text.txt", sample.text.encode())
+    return path
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _add_to_tar(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
 
 
 def write_validation_images(path: str | Path, count: int = 2, size: int = 64, seed: int = 1000) -> list[Path]:
@@ -377,6 +410,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sdxl", action="store_true", help="also build a tiny SDXL pipeline and ControlNet")
+    parser.add_argument(
+        "--all_forms",
+        action="store_true",
+        help="also write the fill data as an image folder with metadata.jsonl (fill-folder), a "
+        "save_to_disk folder (fill-saved) and WebDataset tar shards (fill-webdataset)",
+    )
     return parser.parse_args(argv)
 
 
@@ -389,6 +428,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         build_tiny_controlnet(out / "tiny-sd", out / "tiny-controlnet"),
         *write_validation_images(out / "validation", size=args.size),
     ]
+    if args.all_forms:
+        shape = {"num_rows": args.num_rows, "size": args.size, "seed": args.seed}
+        written.append(write_fill_folder(out / "fill-folder", **shape))
+        written.append(write_fill_saved(out / "fill-saved", **shape))
+        written.append(write_fill_webdataset(out / "fill-webdataset", **shape))
     if args.sdxl:
         written.append(build_tiny_sdxl(out / "tiny-sdxl", seed=args.seed))
         written.append(build_tiny_controlnet(out / "tiny-sdxl", out / "tiny-controlnet-sdxl"))

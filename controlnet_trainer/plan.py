@@ -15,12 +15,12 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class TrainPlan:
     """What the run will do; logged beside the raw arguments and saved in the output dir."""
 
-    num_samples: int
+    num_samples: int | None  # None: a stream of unknown length
     num_processes: int
-    batches_per_epoch: int  # micro-batches each process sees per epoch
-    steps_per_epoch: int  # optimizer steps per epoch
+    batches_per_epoch: int | None  # micro-batches each process sees per epoch
+    steps_per_epoch: int | None  # optimizer steps per epoch
     max_train_steps: int
-    num_train_epochs: int
+    num_train_epochs: int | None
     total_batch_size: int
     learning_rate: float
     mixed_precision: str
@@ -38,26 +38,32 @@ class TrainPlan:
 def make_plan(
     args: argparse.Namespace,
     *,
-    num_samples: int,
+    num_samples: int | None,
     num_processes: int,
     mixed_precision: str,
     seed: int,
 ) -> TrainPlan:
-    """Derive steps, epochs, batch and learning rate the way diffusers' script does."""
-    batches_per_epoch = math.ceil(num_samples / (args.train_batch_size * num_processes))
-    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    """Derive steps, epochs, batch and learning rate the way diffusers' script does.
+
+    ``num_samples`` is None for a stream of unknown length: --max_train_steps alone sets the
+    length of the run, and epochs are counted as the stream runs out.
+    """
     total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
-    learning_rate = args.learning_rate
-    if args.scale_lr:
-        learning_rate *= total_batch_size
+    learning_rate = args.learning_rate * (total_batch_size if args.scale_lr else 1)
+    batches_per_epoch = steps_per_epoch = num_train_epochs = None
+    max_train_steps = args.max_train_steps
+    if num_samples is not None:
+        batches_per_epoch = math.ceil(num_samples / (args.train_batch_size * num_processes))
+        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+        max_train_steps = max_train_steps or args.num_train_epochs * steps_per_epoch
+        num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
     return TrainPlan(
         num_samples=num_samples,
         num_processes=num_processes,
         batches_per_epoch=batches_per_epoch,
         steps_per_epoch=steps_per_epoch,
         max_train_steps=max_train_steps,
-        num_train_epochs=math.ceil(max_train_steps / steps_per_epoch),
+        num_train_epochs=num_train_epochs,
         total_batch_size=total_batch_size,
         learning_rate=learning_rate,
         mixed_precision=mixed_precision or "no",

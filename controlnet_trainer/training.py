@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -21,7 +22,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, free_memory
 from tqdm.auto import tqdm
 
-from . import cache, checkpointing, data, export, fidelity, hub, integrity, plots, tracking, validation
+from . import cache, checkpointing, data, export, fidelity, hub, integrity, plots, streaming, tracking, validation
 from .checkpointing import TrainingProgress
 from .errors import InputError
 from .family import ModelFamily, TextConditioning, crop_override_from_args, unet_added_conditioning
@@ -57,13 +58,10 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    with accelerator.main_process_first():
-        rows = data.load_train_dataset(args)
-    rows, held_out = fidelity.heldout_rows(args, checked_rows(accelerator, args, rows), seed)
-    rows = data.select_samples(rows, args.max_train_samples, seed)
+    rows, held_out, num_samples = training_rows(accelerator, args, seed)
     plan = make_plan(
         args,
-        num_samples=len(rows),
+        num_samples=num_samples,
         num_processes=accelerator.num_processes,
         mixed_precision=accelerator.mixed_precision,
         seed=seed,
@@ -87,14 +85,8 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         probe = fidelity.probe_for_training(
             args, held_out, models, family, transform=transform, weight_dtype=plan.weight_dtype, seed=seed
         )
-    embeddings = cache.prepare_cache(accelerator, args, family, models, rows, transform)
+    embeddings = None if args.streaming else cache.prepare_cache(accelerator, args, family, models, rows, transform)
     offloaded = offload_cached_encoders(args, models)
-    dataset = data.ControlNetDataset(
-        rows, data.columns_from_args(args), transform, with_image=not args.cache_latents
-    )
-    loader = data.make_dataloader(
-        dataset, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers
-    )
     optimizer = make_optimizer(args, models.controlnet.parameters(), plan.learning_rate)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -107,9 +99,21 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     )
     ema = make_ema(args, models.controlnet, accelerator.device)
     checkpointing.register_model_hooks(accelerator, ema)
-    models.controlnet, optimizer, loader, lr_scheduler = accelerator.prepare(
-        models.controlnet, optimizer, loader, lr_scheduler
-    )
+    if args.streaming:
+        batches = stream_batches(accelerator, args, rows, transform, seed)
+        models.controlnet, optimizer, lr_scheduler = accelerator.prepare(models.controlnet, optimizer, lr_scheduler)
+    else:
+        dataset = data.ControlNetDataset(
+            rows, data.columns_from_args(args), transform, with_image=not args.cache_latents
+        )
+        loader = data.make_dataloader(
+            dataset, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers
+        )
+        # DeepSpeed reads the micro-batch size from a loader prepared together with the model.
+        models.controlnet, optimizer, loader, lr_scheduler = accelerator.prepare(
+            models.controlnet, optimizer, loader, lr_scheduler
+        )
+        batches = LoaderBatches(accelerator, loader)
 
     metrics = tracking.MetricsLog(accelerator, output_dir)
     progress = TrainingProgress(seed=seed)
@@ -132,7 +136,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
             family,
             models,
             plan,
-            loader,
+            batches,
             optimizer,
             lr_scheduler,
             progress,
@@ -184,6 +188,55 @@ def agree_on_seed(accelerator: Accelerator, seed: int | None, resume_path: Path 
         return seed
     drawn = [random.SystemRandom().randrange(2**31)]
     return int(broadcast_object_list(drawn)[0])
+
+
+def training_rows(accelerator: Accelerator, args: argparse.Namespace, seed: int):
+    """(training rows or stream, held-out rows or None, number of training rows or None)."""
+    if args.streaming:
+        stream = streaming.load_stream(args)
+        if args.fidelity_dataset is not None:
+            held_out = fidelity.heldout_from_dataset(args)
+            stream, _ = streaming.split_stream(stream, held_out=0, max_samples=args.max_train_samples)
+        else:
+            stream, held_out = streaming.split_stream(
+                stream, held_out=args.fidelity_samples, max_samples=args.max_train_samples
+            )
+        # Rows of a stream are only opened as training reaches them; a bad one stops the run
+        # there (or, with --skip_bad_images, is left out).
+        return streaming.undecoded(stream, data.columns_from_args(args)), held_out, args.max_train_samples
+    with accelerator.main_process_first():
+        rows = data.load_train_dataset(args)
+    rows, held_out = fidelity.heldout_rows(args, checked_rows(accelerator, args, rows), seed)
+    rows = data.select_samples(rows, args.max_train_samples, seed)
+    return rows, held_out, len(rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderBatches:
+    """Batches of the prepared, map-style loader, epoch by epoch."""
+
+    accelerator: Accelerator
+    loader: torch.utils.data.DataLoader
+
+    def epoch(self, epoch: int, skip: int):
+        """(the epoch's batches after the first ``skip``, micro-batches in the epoch)."""
+        self.loader.set_epoch(epoch)
+        return (self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader), len(self.loader)
+
+
+def stream_batches(accelerator: Accelerator, args: argparse.Namespace, stream, transform, seed: int):
+    return streaming.StreamBatches(
+        stream=stream,
+        columns=data.columns_from_args(args),
+        transform=transform,
+        batch_size=args.train_batch_size,
+        rank=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        num_workers=args.dataloader_num_workers,
+        seed=seed,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        skip_bad_images=args.skip_bad_images,
+    )
 
 
 def checked_rows(accelerator: Accelerator, args: argparse.Namespace, rows):
@@ -329,7 +382,7 @@ def offload_cached_encoders(args: argparse.Namespace, models: Models) -> tuple[t
 
 
 def train_loop(
-    accelerator, args, family, models, plan, loader, optimizer, lr_scheduler, progress, metrics, stop, extras
+    accelerator, args, family, models, plan, batches, optimizer, lr_scheduler, progress, metrics, stop, extras
 ) -> tuple[TrainingProgress, bool]:
     """Optimizer steps until max_train_steps or a stop signal; returns (progress, stopped)."""
     output_dir = Path(args.output_dir)
@@ -342,13 +395,15 @@ def train_loop(
     losses: list[torch.Tensor] = []  # micro-batch losses of the optimizer step in progress
     pending: list[torch.Tensor] = []  # step losses not yet logged
     step_started, train_seconds = time.perf_counter(), 0.0
-    for epoch in range(progress.epoch, plan.num_train_epochs):
+    # A stream's epochs are counted as they end: max_train_steps alone ends the run.
+    epochs = itertools.count(progress.epoch) if args.streaming else range(progress.epoch, plan.num_train_epochs)
+    for epoch in epochs:
         if progress.global_step >= plan.max_train_steps:
             break
-        loader.set_epoch(epoch)
         skip = progress.batch_in_epoch if epoch == progress.epoch else 0
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for index, batch in enumerate(batches, start=skip):
+        epoch_batches, batches_per_epoch = batches.epoch(epoch, skip)
+        index = skip - 1
+        for index, batch in enumerate(epoch_batches, start=skip):
             generators = step_generators(plan.seed, epoch, batch["index"].tolist(), accelerator.device)
             with accelerator.accumulate(models.controlnet):
                 loss = micro_batch_loss(batch, models, family, args, plan, generators, extras.embeddings)
@@ -363,7 +418,7 @@ def train_loop(
                 continue
             if extras.ema is not None:
                 extras.ema.step(models.controlnet.parameters())
-            progress = advance(progress, epoch, index + 1, len(loader))
+            progress = advance(progress, epoch, index + 1, batches_per_epoch)
             pending.append(torch.stack(losses).mean())
             losses = []
             train_seconds += time.perf_counter() - step_started
@@ -396,6 +451,8 @@ def train_loop(
             step_started = time.perf_counter()  # step times leave out checkpoints and evaluations
             if last_step:
                 break
+        else:
+            progress = end_epoch(progress, epoch, batches_run=index + 1 - skip)
     bar.close()
     return progress, False
 
@@ -431,13 +488,26 @@ def validate(accelerator, args, family, models, plan, step: int, offloaded) -> N
         module.to("cpu")
 
 
-def advance(progress: TrainingProgress, epoch: int, batches_done: int, batches_per_epoch: int) -> TrainingProgress:
-    """Progress after an optimizer step that ended at micro-batch ``batches_done`` of ``epoch``."""
-    if batches_done >= batches_per_epoch:
+def advance(
+    progress: TrainingProgress, epoch: int, batches_done: int, batches_per_epoch: int | None
+) -> TrainingProgress:
+    """Progress after an optimizer step that ended at micro-batch ``batches_done`` of ``epoch``
+    (an epoch of unknown length, a stream's, is closed by ``end_epoch``)."""
+    if batches_per_epoch is not None and batches_done >= batches_per_epoch:
         epoch, batches_done = epoch + 1, 0
-    return dataclasses.replace(
-        progress, global_step=progress.global_step + 1, epoch=epoch, batch_in_epoch=batches_done
-    )
+    return dataclasses.replace(progress, global_step=progress.global_step + 1, epoch=epoch, batch_in_epoch=batches_done)
+
+
+def end_epoch(progress: TrainingProgress, epoch: int, batches_run: int) -> TrainingProgress:
+    """Progress once ``epoch``'s batches ran out: the next epoch starts from its first batch."""
+    if progress.epoch > epoch:
+        return progress  # advance() already closed it
+    if batches_run == 0 and progress.batch_in_epoch == 0:
+        raise data.DataError(
+            "An epoch of the stream gave no batch: it holds fewer rows than one batch per process "
+            "(--train_batch_size x processes). Add data or lower --train_batch_size."
+        )
+    return dataclasses.replace(progress, epoch=epoch + 1, batch_in_epoch=0)
 
 
 def non_finite_message(loss: float, step: int, output_dir: Path) -> str:
@@ -452,12 +522,14 @@ def non_finite_message(loss: float, step: int, output_dir: Path) -> str:
 
 def log_plan(accelerator: Accelerator, plan: TrainPlan, progress: TrainingProgress) -> None:
     logger.info("***** Running training *****")
-    logger.info("  Num examples = %d", plan.num_samples)
-    logger.info("  Num epochs = %d", plan.num_train_epochs)
+    logger.info("  Num examples = %s", "a stream" if plan.num_samples is None else plan.num_samples)
+    logger.info("  Num epochs = %s", "as the stream lasts" if plan.num_train_epochs is None else plan.num_train_epochs)
     logger.info("  Total train batch size (parallel, distributed & accumulation) = %d", plan.total_batch_size)
     logger.info("  Total optimization steps = %d", plan.max_train_steps)
     if progress.global_step:
-        logger.info("  Resuming at step %d (epoch %d, batch %d)", progress.global_step, progress.epoch, progress.batch_in_epoch)
+        logger.info(
+            "  Resuming at step %d (epoch %d, batch %d)", progress.global_step, progress.epoch, progress.batch_in_epoch
+        )
 
 
 def finish(accelerator, args, family, models, plan) -> None:
