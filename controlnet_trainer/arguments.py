@@ -216,6 +216,16 @@ def _speed_group(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Set gradients to None instead of zero after each step (saves memory).",
     )
+    group.add_argument(
+        "--torch_compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="Compile the frozen UNet and the ControlNet with torch.compile (backend: inductor, or "
+        "the one named). The first steps are slower while kernels are built; worth it for runs of "
+        "more than a few hundred steps on a GPU.",
+    )
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     group.add_argument(
         "--cache_latents",
@@ -273,6 +283,14 @@ def _data_group(parser: argparse.ArgumentParser) -> None:
         default=1000,
         help="With --streaming: rows held in the shuffle buffer (per data-loader worker). Larger "
         "mixes better and costs memory; the shard order is shuffled too, every epoch.",
+    )
+    group.add_argument(
+        "--aspect_ratio_buckets",
+        action="store_true",
+        help="Train each image at the shape closest to its own instead of centre-cropping it to a "
+        "square: --resolution becomes the target area (resolution x resolution pixels), buckets have "
+        "sides that are multiples of 64 and aspect ratios up to 2:1, and every batch comes from one "
+        "bucket. SDXL's time ids describe the bucket and the crop made.",
     )
     group.add_argument(
         "--skip_bad_images",
@@ -429,6 +447,7 @@ def check_args(args: argparse.Namespace) -> None:
             "gap compares each sample with another sample's conditioning image."
         )
     _check_streaming(args)
+    _check_buckets(args)
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ArgumentError(f"`--snr_gamma` must be positive (5.0 is typical), got {args.snr_gamma}.")
 
@@ -448,6 +467,26 @@ def _check_streaming(args: argparse.Namespace) -> None:
             "`--streaming` cannot count the rows before training, so --num_train_epochs has nothing to "
             "multiply; pass `--max_train_steps` (or `--max_train_samples`, the number of rows to stream "
             "per epoch)."
+        )
+
+
+def _check_buckets(args: argparse.Namespace) -> None:
+    if not args.aspect_ratio_buckets:
+        return
+    if args.resolution % 64:
+        raise ArgumentError(
+            f"`--aspect_ratio_buckets` needs `--resolution` to be a multiple of 64 (bucket sides are), "
+            f"got {args.resolution}; use --resolution={max(64, round(args.resolution / 64) * 64)}."
+        )
+    if args.streaming:
+        raise ArgumentError(
+            "`--aspect_ratio_buckets` cannot be combined with `--streaming`: bucketing needs every "
+            "image's size before training to group them. Drop one of the two."
+        )
+    if args.cache_latents:
+        raise ArgumentError(
+            "`--aspect_ratio_buckets` cannot be combined with `--cache_latents` yet: the latent cache "
+            "holds one shape for all images. Drop --cache_latents (--cache_text_embeddings works)."
         )
 
 

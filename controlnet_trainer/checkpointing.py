@@ -160,8 +160,7 @@ def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
         found = list_checkpoints(output_dir)
         if not found:
             logger.warning(
-                "--resume_from_checkpoint=latest: no complete checkpoint in %s; starting a new "
-                "training run.",
+                "--resume_from_checkpoint=latest: no complete checkpoint in %s; starting a new training run.",
                 output_dir,
             )
             return None

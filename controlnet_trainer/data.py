@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from . import datasources
+from .buckets import Bucket, BucketGeometry, bucket_geometry, make_buckets, nearest_bucket
 from .errors import InputError
 
 
@@ -125,54 +126,42 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 
 
 @dataclasses.dataclass(frozen=True)
-class Geometry:
-    """Where an image of ``original_size`` lands: resized size, then the crop taken from it."""
-
-    original_size: tuple[int, int]  # (height, width)
-    resized_size: tuple[int, int]
-    crop_top_left: tuple[int, int]
-
-
-@dataclasses.dataclass(frozen=True)
 class PairedTransform:
     """Resize (short side to ``resolution``) + centre crop, identical for image and conditioning.
 
     The geometry is computed once from the image's size and applied to both, so outlines stay on
     the edges they describe even when the conditioning image is stored at another size; SDXL's
-    time ids report the crop actually made.
+    time ids report the crop actually made. With aspect-ratio buckets the image is resized to
+    cover its bucket and centre-cropped to it instead of to the square.
     """
 
     resolution: int
     interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR
 
-    def geometry(self, height: int, width: int) -> Geometry:
-        # The same arithmetic as torchvision's resize to a single size (short side).
-        short, long = (width, height) if width <= height else (height, width)
-        new_long = int(self.resolution * long / short)
-        new_height, new_width = (new_long, self.resolution) if width <= height else (self.resolution, new_long)
-        top = int(round((new_height - self.resolution) / 2.0))
-        left = int(round((new_width - self.resolution) / 2.0))
-        return Geometry((height, width), (new_height, new_width), (top, left))
+    def geometry(self, height: int, width: int, bucket: Bucket | None = None) -> BucketGeometry:
+        # Covering a square bucket is torchvision's resize of the short side plus centre crop.
+        return bucket_geometry(height, width, bucket or (self.resolution, self.resolution))
 
-    def _place(self, image: Image.Image, geometry: Geometry) -> torch.Tensor:
+    def _place(self, image: Image.Image, geometry: BucketGeometry) -> torch.Tensor:
         resized = F.resize(
             F.to_image(image), list(geometry.resized_size), interpolation=self.interpolation, antialias=True
         )
-        cropped = F.crop(resized, *geometry.crop_top_left, self.resolution, self.resolution)
+        cropped = F.crop(resized, *geometry.crop_top_left, *geometry.crop_size)
         return F.to_dtype(cropped, torch.float32, scale=True)
 
-    def __call__(self, image: Image.Image, conditioning: Image.Image) -> dict:
-        geometry = self.geometry(image.height, image.width)
+    def __call__(self, image: Image.Image, conditioning: Image.Image, bucket: Bucket | None = None) -> dict:
+        geometry = self.geometry(image.height, image.width, bucket)
         return self.conditioning_only(conditioning, geometry) | {
             "pixel_values": self._place(image, geometry) * 2.0 - 1.0
         }
 
-    def conditioning_only(self, conditioning: Image.Image, geometry: Geometry) -> dict:
+    def conditioning_only(self, conditioning: Image.Image, geometry: BucketGeometry) -> dict:
         """Everything but the target image, for runs whose latents are cached."""
         return {
             "conditioning_pixel_values": self._place(conditioning, geometry),
             "original_size": geometry.original_size,
             "crop_top_left": geometry.crop_top_left,
+            "target_size": geometry.crop_size,
         }
 
 
@@ -184,7 +173,13 @@ class ControlNetDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, rows: datasets.Dataset, columns: Columns, transform: PairedTransform, *, with_image: bool = True
+        self,
+        rows: datasets.Dataset,
+        columns: Columns,
+        transform: PairedTransform,
+        *,
+        with_image: bool = True,
+        buckets: Sequence[Bucket] | None = None,
     ):
         if not with_image and isinstance(rows.features.get(columns.image), datasets.Image):
             rows = rows.cast_column(columns.image, datasets.Image(decode=False))
@@ -192,28 +187,66 @@ class ControlNetDataset(torch.utils.data.Dataset):
         self.columns = columns
         self.transform = transform
         self.with_image = with_image
+        self.buckets = buckets  # each row's, with --aspect_ratio_buckets
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict:
-        return make_sample(self.rows[index], index, self.columns, self.transform, with_image=self.with_image)
+        bucket = None if self.buckets is None else self.buckets[index]
+        return make_sample(
+            self.rows[index], index, self.columns, self.transform, with_image=self.with_image, bucket=bucket
+        )
 
 
 def make_sample(
-    row: dict, index: int, columns: Columns, transform: PairedTransform, *, with_image: bool = True
+    row: dict,
+    index: int,
+    columns: Columns,
+    transform: PairedTransform,
+    *,
+    with_image: bool = True,
+    bucket: Bucket | None = None,
 ) -> dict:
     """One row as tensors; ``index`` identifies the sample to the step's random draws."""
     # Photos with transparency usually sit on white; control maps (edges, poses) on black.
     conditioning = to_rgb(open_image(row[columns.conditioning_image]), (0, 0, 0))
     image = open_image(row[columns.image])
     if with_image:
-        sample = transform(to_rgb(image, (255, 255, 255)), conditioning)
+        sample = transform(to_rgb(image, (255, 255, 255)), conditioning, bucket)
     else:
-        sample = transform.conditioning_only(conditioning, transform.geometry(image.height, image.width))
+        sample = transform.conditioning_only(conditioning, transform.geometry(image.height, image.width, bucket))
     sample["captions"] = caption_options(row[columns.caption])
     sample["index"] = index
     return sample
+
+
+def assign_buckets(rows: datasets.Dataset, args: argparse.Namespace) -> list[Bucket]:
+    """Each row's aspect-ratio bucket (--aspect_ratio_buckets), from its image's size."""
+    choices = make_buckets(args.resolution)
+    sizes = image_sizes(rows, args.image_column, num_workers=args.dataloader_num_workers)
+    return [nearest_bucket(height, width, choices) for height, width in sizes]
+
+
+def image_sizes(rows: datasets.Dataset, column: str, *, num_workers: int) -> list[tuple[int, int]]:
+    """(height, width) of every row's image, read from the file headers only."""
+    loader = torch.utils.data.DataLoader(_ImageSizes(rows, column), batch_size=None, num_workers=num_workers)
+    return [tuple(size) for size in loader]
+
+
+class _ImageSizes(torch.utils.data.Dataset):
+    def __init__(self, rows: datasets.Dataset, column: str):
+        if isinstance(rows.features.get(column), datasets.Image):
+            rows = rows.cast_column(column, datasets.Image(decode=False))
+        self.rows = rows.select_columns([column])
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        image = open_image(self.rows[index][self.column])  # lazy: PIL reads the header only
+        return image.height, image.width
 
 
 def caption_options(cell: str | Sequence[str]) -> list[str]:
@@ -240,6 +273,7 @@ def collate(samples: Sequence[dict]) -> dict:
         "conditioning_pixel_values": torch.stack([s["conditioning_pixel_values"] for s in samples]).contiguous(),
         "original_size": torch.tensor([s["original_size"] for s in samples]),
         "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples]),
+        "target_size": torch.tensor([s["target_size"] for s in samples]),
         "captions": [s["captions"] for s in samples],
         "index": torch.tensor([s["index"] for s in samples]),
     }
@@ -249,13 +283,18 @@ def collate(samples: Sequence[dict]) -> dict:
 
 
 def make_dataloader(
-    dataset: torch.utils.data.Dataset, *, batch_size: int, num_workers: int
+    dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int,
+    num_workers: int,
+    batch_sampler: torch.utils.data.Sampler | None = None,
 ) -> torch.utils.data.DataLoader:
-    """Shuffled loader; Accelerate's seedable sampler makes its order a function of the epoch."""
+    """Shuffled loader; its order is a function of the seed and the epoch: Accelerate's seedable
+    sampler's, or the bucket sampler's (``batch_sampler``) with --aspect_ratio_buckets."""
+    batching = {"batch_sampler": batch_sampler} if batch_sampler else {"batch_size": batch_size, "shuffle": True}
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=True,
+        **batching,
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,

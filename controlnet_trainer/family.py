@@ -23,9 +23,7 @@ class TextConditioning:
 
     def select(self, keep: torch.Tensor) -> TextConditioning:
         """Rows of this conditioning where ``keep`` is true (a bool mask over the batch)."""
-        return TextConditioning(
-            self.encoder_hidden_states[keep], None if self.pooled is None else self.pooled[keep]
-        )
+        return TextConditioning(self.encoder_hidden_states[keep], None if self.pooled is None else self.pooled[keep])
 
 
 Encoder = Callable[[Sequence, Sequence, list[str]], TextConditioning]
@@ -76,18 +74,22 @@ def encode_sdxl(tokenizers: Sequence, text_encoders: Sequence, prompts: list[str
 def sdxl_time_ids(
     original_size: torch.Tensor,
     crop_top_left: torch.Tensor,
-    resolution: int,
+    target_size: torch.Tensor | int,
     crop_override: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """(original h, w, crop top, left, target h, w) per sample, as SDXL was trained on.
 
-    ``original_size`` and ``crop_top_left`` are the [batch, 2] values the transform actually
-    used; ``crop_override`` replaces the crop when --crops_coords_top_left_h/w are given.
+    ``original_size``, ``crop_top_left`` and ``target_size`` are the [batch, 2] values the
+    transform actually used (the target is the bucket with --aspect_ratio_buckets; an int is a
+    square resolution); ``crop_override`` replaces the crop when --crops_coords_top_left_h/w are
+    given.
     """
     crop = crop_top_left
     if crop_override is not None:
         crop = torch.tensor(crop_override, dtype=crop_top_left.dtype).expand_as(crop_top_left)
-    target = torch.tensor((resolution, resolution), dtype=original_size.dtype).expand_as(original_size)
+    target = target_size
+    if isinstance(target_size, int):
+        target = torch.tensor((target_size, target_size), dtype=original_size.dtype).expand_as(original_size)
     return torch.cat([original_size, crop, target], dim=1)
 
 
@@ -102,7 +104,8 @@ def unet_added_conditioning(
     """``added_cond_kwargs`` for ControlNet and UNet; None for SD 1.x/2.x."""
     if not family.uses_time_ids:
         return None
-    time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], resolution, crop_override)
+    target = batch.get("target_size", resolution)  # a batch made without it is square
+    time_ids = sdxl_time_ids(batch["original_size"], batch["crop_top_left"], target, crop_override)
     return {
         "text_embeds": text.pooled,
         "time_ids": time_ids.to(text.pooled.device, text.pooled.dtype),

@@ -65,22 +65,26 @@ class FillSample(NamedTuple):
     text: str
 
 
-def fill_sample(rng: np.random.Generator, size: int = 64) -> FillSample:
-    """One fill50k-style sample: a filled circle, its outline and a caption naming both colours."""
+def fill_sample(rng: np.random.Generator, size: int = 64, width: int | None = None) -> FillSample:
+    """One fill50k-style sample: a filled circle, its outline and a caption naming both colours.
+
+    The image is ``size`` pixels high and ``width`` (default ``size``) wide.
+    """
+    height, width = size, width or size
     names = list(COLOURS)
     circle_idx, background_idx = rng.choice(len(names), size=2, replace=False)
-    radius = rng.uniform(0.12, 0.35) * size
+    radius = rng.uniform(0.12, 0.35) * min(height, width)
     # Keep the outline fully inside the frame so every sample has a complete edge to learn.
     margin = radius + OUTLINE_HALF_WIDTH + 1
-    cx, cy = rng.uniform(margin, size - margin, size=2)
+    cx, cy = rng.uniform(margin, np.array([width, height]) - margin)
 
     # One distance map drives both images, so the outline sits exactly on the circle's edge.
-    ys, xs = np.mgrid[0:size, 0:size] + 0.5
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5
     distance = np.hypot(xs - cx, ys - cy)
-    image = np.empty((size, size, 3), dtype=np.uint8)
+    image = np.empty((height, width, 3), dtype=np.uint8)
     image[:] = COLOURS[names[background_idx]]
     image[distance <= radius] = COLOURS[names[circle_idx]]
-    outline = np.zeros((size, size, 3), dtype=np.uint8)
+    outline = np.zeros((height, width, 3), dtype=np.uint8)
     outline[np.abs(distance - radius) <= OUTLINE_HALF_WIDTH] = 255
 
     text = f"{names[circle_idx]} circle with {names[background_idx]} background"
@@ -100,10 +104,16 @@ def _fill_table(samples: Sequence[FillSample]) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def build_fill_dataset(path: str | Path, num_rows: int = 200, size: int = 64, seed: int = 0) -> Path:
-    """Write a parquet dataset that `datasets.load_dataset(str(path))["train"]` loads."""
+def build_fill_dataset(
+    path: str | Path, num_rows: int = 200, size: int = 64, seed: int = 0, *, aspect_ratios: Sequence[float] = ()
+) -> Path:
+    """Write a parquet dataset that `datasets.load_dataset(str(path))["train"]` loads.
+
+    With ``aspect_ratios`` (width / height), each row's image is ``size`` high and as wide as one
+    of them, drawn at random: data for aspect-ratio bucketing.
+    """
     path = Path(path)
-    dataset = _fill_table(_fill_samples(num_rows, size, seed))
+    dataset = _fill_table(_fill_samples(num_rows, size, seed, aspect_ratios))
     # No README.md with `configs:`: datasets would cache by folder name and serve stale rows.
     out_file = path / "data" / "train-00000-of-00001.parquet"
     out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -114,10 +124,13 @@ def build_fill_dataset(path: str | Path, num_rows: int = 200, size: int = 64, se
 FILL_KEYS = ("image", "conditioning_image", "text")
 
 
-def _fill_samples(num_rows: int, size: int, seed: int) -> list[FillSample]:
+def _fill_samples(num_rows: int, size: int, seed: int, aspect_ratios: Sequence[float] = ()) -> list[FillSample]:
     """The rows build_fill_dataset writes for the same arguments, in the same order."""
     rng = np.random.default_rng(seed)
-    return [fill_sample(rng, size) for _ in range(num_rows)]
+    if not aspect_ratios:
+        return [fill_sample(rng, size) for _ in range(num_rows)]
+    widths = [round(size * aspect_ratios[i]) for i in rng.integers(len(aspect_ratios), size=num_rows)]
+    return [fill_sample(rng, size, width) for width in widths]
 
 
 def write_fill_folder(

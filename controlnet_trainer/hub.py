@@ -70,9 +70,7 @@ def push_to_hub(output_dir: Path, args: argparse.Namespace) -> str:
     """Create the repo if needed and upload everything but resumable checkpoints."""
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = create_repo(
-        repo_id=args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token
-    ).repo_id
+    repo_id = create_repo(repo_id=args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
     upload_folder(
         repo_id=repo_id,
         folder_path=output_dir,

@@ -21,9 +21,7 @@ def sample_noise_and_timesteps(
             (*latents.shape[:2], 1, 1), generator=generator, device=generator.device, dtype=latents.dtype
         )
         noise = noise + noise_offset * offset
-    timesteps = torch.randint(
-        0, num_train_timesteps, (latents.shape[0],), generator=generator, device=generator.device
-    )
+    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator, device=generator.device)
     return noise.to(latents.device), timesteps.to(latents.device)
 
 

@@ -148,7 +148,7 @@ def freeze_and_place(
 
 
 def enable_memory_options(args: argparse.Namespace, models: Models, device: torch.device) -> None:
-    """Gradient checkpointing and the optional attention back-ends, with clear errors."""
+    """Gradient checkpointing, the optional attention back-ends and compilation, with clear errors."""
     if args.gradient_checkpointing:
         # The frozen UNet's activations are kept for the backward pass into the ControlNet
         # residuals too, so checkpointing it saves as much memory as the ControlNet's.
@@ -166,6 +166,11 @@ def enable_memory_options(args: argparse.Namespace, models: Models, device: torc
             )
         models.unet.enable_npu_flash_attention()
         models.controlnet.enable_npu_flash_attention()
+    if args.torch_compile:
+        # In place (nn.Module.compile), so parameter names, hooks and saving are unchanged; the
+        # validation pipeline and the fidelity probe use the same compiled modules.
+        models.unet.compile(backend=args.torch_compile)
+        models.controlnet.compile(backend=args.torch_compile)
 
 
 def check_xformers(device: torch.device) -> None:

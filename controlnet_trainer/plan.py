@@ -42,18 +42,21 @@ def make_plan(
     num_processes: int,
     mixed_precision: str,
     seed: int,
+    num_batches: int | None = None,
 ) -> TrainPlan:
     """Derive steps, epochs, batch and learning rate the way diffusers' script does.
 
     ``num_samples`` is None for a stream of unknown length: --max_train_steps alone sets the
-    length of the run, and epochs are counted as the stream runs out.
+    length of the run, and epochs are counted as the stream runs out. ``num_batches`` is the
+    number of micro-batches per epoch over all processes when it is not the plain division
+    (aspect-ratio buckets, whose last batches may be short).
     """
     total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate * (total_batch_size if args.scale_lr else 1)
     batches_per_epoch = steps_per_epoch = num_train_epochs = None
     max_train_steps = args.max_train_steps
     if num_samples is not None:
-        batches_per_epoch = math.ceil(num_samples / (args.train_batch_size * num_processes))
+        batches_per_epoch = math.ceil((num_batches or num_samples / args.train_batch_size) / num_processes)
         steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
         max_train_steps = max_train_steps or args.num_train_epochs * steps_per_epoch
         num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)

@@ -22,7 +22,20 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, free_memory
 from tqdm.auto import tqdm
 
-from . import cache, checkpointing, data, export, fidelity, hub, integrity, plots, streaming, tracking, validation
+from . import (
+    buckets,
+    cache,
+    checkpointing,
+    data,
+    export,
+    fidelity,
+    hub,
+    integrity,
+    plots,
+    streaming,
+    tracking,
+    validation,
+)
 from .checkpointing import TrainingProgress
 from .errors import InputError
 from .family import ModelFamily, TextConditioning, crop_override_from_args, unet_added_conditioning
@@ -59,9 +72,11 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         torch.backends.cuda.matmul.allow_tf32 = True
 
     rows, held_out, num_samples = training_rows(accelerator, args, seed)
+    sampler = bucket_sampler(accelerator, args, rows, seed)
     plan = make_plan(
         args,
         num_samples=num_samples,
+        num_batches=None if sampler is None else len(sampler),
         num_processes=accelerator.num_processes,
         mixed_precision=accelerator.mixed_precision,
         seed=seed,
@@ -104,10 +119,17 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         models.controlnet, optimizer, lr_scheduler = accelerator.prepare(models.controlnet, optimizer, lr_scheduler)
     else:
         dataset = data.ControlNetDataset(
-            rows, data.columns_from_args(args), transform, with_image=not args.cache_latents
+            rows,
+            data.columns_from_args(args),
+            transform,
+            with_image=not args.cache_latents,
+            buckets=None if sampler is None else sampler.buckets_of_samples,
         )
         loader = data.make_dataloader(
-            dataset, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers
+            dataset,
+            batch_size=args.train_batch_size,
+            num_workers=args.dataloader_num_workers,
+            batch_sampler=sampler,
         )
         # DeepSpeed reads the micro-batch size from a loader prepared together with the model.
         models.controlnet, optimizer, loader, lr_scheduler = accelerator.prepare(
@@ -209,6 +231,17 @@ def training_rows(accelerator: Accelerator, args: argparse.Namespace, seed: int)
     rows, held_out = fidelity.heldout_rows(args, checked_rows(accelerator, args, rows), seed)
     rows = data.select_samples(rows, args.max_train_samples, seed)
     return rows, held_out, len(rows)
+
+
+def bucket_sampler(accelerator: Accelerator, args: argparse.Namespace, rows, seed: int):
+    """With --aspect_ratio_buckets, batches drawn from one bucket each; otherwise None."""
+    if not args.aspect_ratio_buckets:
+        return None
+    # One process reads the image headers and tells the others.
+    assigned = [data.assign_buckets(rows, args) if accelerator.is_main_process else None]
+    assigned = broadcast_object_list(assigned)[0]
+    logger.info("Aspect-ratio buckets (height, width): samples: %s", buckets.summarize(assigned))
+    return buckets.BucketBatchSampler(assigned, args.train_batch_size, seed)
 
 
 @dataclasses.dataclass(frozen=True)

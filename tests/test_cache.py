@@ -55,7 +55,9 @@ def test_cache_is_reused_and_invalidated(assets, tmp_path):
 
 
 def test_cached_runs_resume_exactly(assets, tmp_path):
-    common = dict(max_train_steps=5, embeddings_cache_dir=tmp_path / "cache", proportion_empty_prompts=0.5, **CACHE_FLAGS)
+    common = dict(
+        max_train_steps=5, embeddings_cache_dir=tmp_path / "cache", proportion_empty_prompts=0.5, **CACHE_FLAGS
+    )
     run(train_argv(assets, tmp_path / "straight", **common))
     run(train_argv(assets, tmp_path / "resumed", stop_at_step=2, **common))
     run(train_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **common))

@@ -15,8 +15,8 @@ from controlnet_trainer.data import (
     Columns,
     DataError,
     PairedTransform,
-    check_columns,
     caption_text,
+    check_columns,
     choose_caption,
     collate,
     load_train_dataset,
@@ -35,7 +35,9 @@ def tiny_dataset(text) -> datasets.Dataset:
 
 def test_missing_column_names_the_flag_and_the_columns():
     dataset = tiny_dataset("a").rename_column("conditioning_image", "edges")
-    with pytest.raises(DataError, match=r"`--conditioning_image_column`.*'conditioning_image'.*\['image', 'edges', 'text'\]"):
+    with pytest.raises(
+        DataError, match=r"`--conditioning_image_column`.*'conditioning_image'.*\['image', 'edges', 'text'\]"
+    ):
         check_columns(dataset, COLUMNS)
 
 
@@ -156,13 +158,15 @@ def dataset_with_files(tmp_path, sizes, broken: dict[int, bytes]) -> datasets.Da
 def test_corrupt_and_truncated_images_fail_with_row_and_file(tmp_path):
     from controlnet_trainer.integrity import apply_scan, scan_images
 
-    good = (tmp_path / "good.png")
+    good = tmp_path / "good.png"
     Image.new("RGB", (64, 64)).save(good)
     truncated = good.read_bytes()[:-200]
     rows = dataset_with_files(tmp_path, [(64, 64)] * 5, {2: truncated, 4: b"not an image"})
     report = scan_images(rows, COLUMNS, resolution=64, num_workers=0)
     assert sorted({p.row for p in report.problems}) == [2, 4]
-    with pytest.raises(DataError, match=r"2 row\(s\) have unreadable images; the first is row 2.*2\.png.*--skip_bad_images"):
+    with pytest.raises(
+        DataError, match=r"2 row\(s\) have unreadable images; the first is row 2.*2\.png.*--skip_bad_images"
+    ):
         apply_scan(rows, report, skip_bad=False, resolution=64)
     kept = apply_scan(rows, report, skip_bad=True, resolution=64)
     assert [Path(p).name for p in kept["image"]] == ["0.png", "1.png", "3.png"]

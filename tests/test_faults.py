@@ -64,5 +64,7 @@ def test_sigkill_at_random_moments_then_resume_is_exact(assets, tmp_path):
     killed = load_file(output_dir / "diffusion_pytorch_model.safetensors")
     straight = load_file(tmp_path / "straight" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(killed[k], straight[k]) for k in straight)
-    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        int(line.split('"step": ')[1].split(",")[0]) for line in (output_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps == list(range(1, 15))  # one record per step: the killed runs' extras were dropped

@@ -22,9 +22,7 @@ def fill_data(tmp_path_factory, assets):
     rows = datasets.load_dataset(str(honest))["train"]
     # The same rows with the conditioning images permuted: outlines no longer match the circles.
     shuffled_conditioning = rows.select_columns(["conditioning_image"]).shuffle(seed=1)
-    broken = datasets.concatenate_datasets(
-        [rows.remove_columns(["conditioning_image"]), shuffled_conditioning], axis=1
-    )
+    broken = datasets.concatenate_datasets([rows.remove_columns(["conditioning_image"]), shuffled_conditioning], axis=1)
     broken.to_parquet(root / "shuffled" / "data" / "train-00000-of-00001.parquet")
     return {"honest": honest, "shuffled": root / "shuffled"}
 

@@ -29,7 +29,9 @@ def loss_for(tiny, scheduler=None, **kwargs):
     noise, timesteps = sample_noise_and_timesteps(inputs["latents"], 1000, torch.Generator().manual_seed(1))
     merged = inputs | {"noise": noise, "timesteps": timesteps} | kwargs
     with torch.no_grad():
-        return diffusion_loss(unet=unet, controlnet=controlnet, noise_scheduler=scheduler or default_scheduler, **merged), merged
+        return diffusion_loss(
+            unet=unet, controlnet=controlnet, noise_scheduler=scheduler or default_scheduler, **merged
+        ), merged
 
 
 def test_epsilon_loss_is_mse_to_noise_and_fresh_controlnet_adds_nothing(tiny):
@@ -63,7 +65,9 @@ def test_min_snr_weights_follow_the_formula(tiny):
     expected = torch.minimum(snr, torch.tensor(5.0)) / snr
     assert torch.allclose(min_snr_weights(scheduler, timesteps, 5.0), expected, rtol=1e-5)
     v_scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
-    assert torch.allclose(min_snr_weights(v_scheduler, timesteps, 5.0), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), rtol=1e-5)
+    assert torch.allclose(
+        min_snr_weights(v_scheduler, timesteps, 5.0), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), rtol=1e-5
+    )
     # High-noise steps (low SNR) keep full weight for epsilon; low-noise steps are damped.
     weights = min_snr_weights(scheduler, timesteps, 5.0)
     assert weights[-1] == pytest.approx(1.0) and weights[0] < 0.01
@@ -81,7 +85,11 @@ def test_residuals_reach_the_unet(tiny):
     changed = ControlNetModel.from_unet(unet)
     with torch.no_grad():
         # Zero-initialised: the output convolutions and the hint embedding's last layer.
-        for block in [*changed.controlnet_down_blocks, changed.controlnet_mid_block, changed.controlnet_cond_embedding.conv_out]:
+        for block in [
+            *changed.controlnet_down_blocks,
+            changed.controlnet_mid_block,
+            changed.controlnet_cond_embedding.conv_out,
+        ]:
             block.weight.normal_(0, 0.1)
     base, _ = loss_for(tiny)
     altered, _ = loss_for((unet, changed, scheduler, inputs))

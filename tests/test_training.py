@@ -239,3 +239,15 @@ def test_ema_is_saved_resumed_exactly_and_is_the_final_model(assets, tmp_path):
     run(train_argv(assets, tmp_path / "raw", max_train_steps=6))
     raw = final_weights(tmp_path / "raw")
     assert any(not torch.equal(raw[k], straight[k]) for k in raw)
+
+
+def test_torch_compile_trains_like_eager_and_saves_plain_names(assets, tmp_path):
+    """aot_eager traces the UNet and ControlNet through dynamo and AOTAutograd as inductor does,
+    without inductor's minutes of kernel building on CPU."""
+    run(train_argv(assets, tmp_path / "eager", max_train_steps=2))
+    run(train_argv(assets, tmp_path / "compiled", max_train_steps=2, torch_compile="aot_eager"))
+    eager, compiled = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    assert compiled.keys() == eager.keys()  # no _orig_mod. prefixes
+    assert all(torch.allclose(eager[name], compiled[name], atol=1e-5) for name in eager)
+    fresh = final_weights(assets["controlnet"])  # what training started from
+    assert not all(torch.equal(eager[name], fresh[name]) for name in eager)
