@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedType,
+    ProjectConfiguration,
+    broadcast_object_list,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, free_memory
 from tqdm.auto import tqdm
@@ -66,6 +72,8 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         check_output_dir_is_free(output_dir)
     validation.check_validation_images(args.validation_image)
     accelerator = make_accelerator(args, output_dir)
+    deepspeed = accelerator.state.deepspeed_plugin
+    check_engine(accelerator.distributed_type, deepspeed.zero_stage if deepspeed else None)
     seed = agree_on_seed(accelerator, args.seed, resume_path)
     set_seed(seed)  # also seeds Accelerate's sampler, so data order is a function of the epoch
     if args.allow_tf32:
@@ -186,6 +194,23 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
         output_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     return accelerator
+
+
+def check_engine(engine: DistributedType, zero_stage: int | None) -> None:
+    """Refuse engines that shard the ControlNet's parameters.
+
+    Checkpoints, the final save, EMA and validation read the ControlNet's full weights on the
+    main process; under FSDP or DeepSpeed ZeRO-3 each rank holds only a shard, so they would
+    save a fragment. DDP and ZeRO-1/2 keep full weights on every rank.
+    """
+    if engine == DistributedType.FSDP or (engine == DistributedType.DEEPSPEED and zero_stage == 3):
+        name = "FSDP" if engine == DistributedType.FSDP else "DeepSpeed ZeRO-3"
+        raise TrainingError(
+            f"The accelerate config runs {name}, which shards the ControlNet's weights across "
+            "processes; this trainer saves and evaluates full weights and does not support that yet. "
+            "Use DeepSpeed ZeRO-2 (optimizer state and gradients sharded, the usual saving for a "
+            "ControlNet, whose frozen UNet is replicated either way) or plain multi-GPU DDP."
+        )
 
 
 def check_output_dir_is_free(output_dir: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from conftest import train_argv
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
@@ -251,3 +252,22 @@ def test_torch_compile_trains_like_eager_and_saves_plain_names(assets, tmp_path)
     assert all(torch.allclose(eager[name], compiled[name], atol=1e-5) for name in eager)
     fresh = final_weights(assets["controlnet"])  # what training started from
     assert not all(torch.equal(eager[name], fresh[name]) for name in eager)
+
+
+@pytest.mark.parametrize(
+    ("engine", "zero_stage", "refused"),
+    [
+        (DistributedType.FSDP, None, "FSDP"),
+        (DistributedType.DEEPSPEED, 3, "ZeRO-3"),
+        (DistributedType.DEEPSPEED, 2, None),
+        (DistributedType.MULTI_GPU, None, None),
+    ],
+)
+def test_engines_that_shard_the_controlnet_are_refused(engine, zero_stage, refused):
+    from controlnet_trainer.training import TrainingError, check_engine
+
+    if refused is None:
+        check_engine(engine, zero_stage)
+        return
+    with pytest.raises(TrainingError, match=f"{refused}.*Use DeepSpeed ZeRO-2"):
+        check_engine(engine, zero_stage)
