@@ -223,3 +223,35 @@ def test_stop_and_resume_in_two_processes_matches_the_uninterrupted_run(assets, 
     a, b = load_file(output_dir / WEIGHTS), load_file(straight_dir / WEIGHTS)
     different = [k for k in b if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+def test_streaming_ranks_share_the_stream_and_match_one_process(assets, tmp_path):
+    """--streaming over two ranks: disjoint rows every step, together the one-process batch."""
+    probe_script, probe_dir = tmp_path / "probe.py", tmp_path / "probe"
+    probe_script.write_text(PROBE)
+    probe_dir.mkdir()
+    common = {"streaming": True, "max_train_steps": 4, "shuffle_buffer_size": 8}
+    launch_two(
+        probe_script,
+        train_argv(assets, tmp_path / "two", train_batch_size=2, **flags(assets, **common)),
+        PROBE_DIR=str(probe_dir),
+    )
+    one_dir = tmp_path / "one"
+    seen: list[list[int]] = []
+    loss = training.micro_batch_loss
+
+    def recorded(batch, *args, **kwargs):
+        seen.append(batch["index"].tolist())
+        return loss(batch, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "micro_batch_loss", recorded)
+        run(train_argv(assets, one_dir, train_batch_size=4, **flags(assets, **common)))
+    rank0, rank1 = (read_probe(probe_dir, rank) for rank in (0, 1))
+    for a, b, whole in zip(rank0, rank1, seen, strict=True):
+        assert not set(a) & set(b) and sorted(a + b) == sorted(whole)
+    start = load_file(Path(assets["controlnet"]) / WEIGHTS)
+    two, one = load_file(tmp_path / "two" / WEIGHTS), load_file(one_dir / WEIGHTS)
+    moved = math.sqrt(sum(((one[k].double() - start[k].double()) ** 2).sum().item() for k in one))
+    apart = math.sqrt(sum(((two[k].double() - one[k].double()) ** 2).sum().item() for k in one))
+    assert moved > 1e-2 and apart / moved < 1e-3, (moved, apart)
