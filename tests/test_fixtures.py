@@ -183,3 +183,27 @@ def test_sdxl_pipeline_and_controlnet_generate(assets):
         sample.text, image=sample.conditioning_image, num_inference_steps=2, height=64, width=64, output_type="np"
     )
     assert output.images.shape == (1, 64, 64, 3)
+
+
+def test_sd15_proportioned_vae_costs_what_sd15_encoding_costs(tmp_path):
+    """The benchmark's cache comparison relies on this share: SD 1.5 at 512 px spends 1.12 TFLOP
+    in the VAE encoder per 2.33 TFLOP of ControlNet and UNet work (0.48)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    path = fixtures.build_tiny_sd(tmp_path / "sd", vae_channels=fixtures.SD15_PROPORTIONED_VAE_CHANNELS)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet").requires_grad_(False)
+    controlnet = ControlNetModel.from_unet(unet)
+    latents, timesteps = torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,))
+    text = torch.randn(4, fixtures.MODEL_MAX_LENGTH, fixtures.TEXT_HIDDEN_SIZE)
+    with FlopCounterMode(display=False) as step:
+        down, mid = controlnet(latents, timesteps, text, controlnet_cond=torch.rand(4, 3, 64, 64), return_dict=False)
+        unet(
+            latents, timesteps, text, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample.sum().backward()
+    with torch.no_grad(), FlopCounterMode(display=False) as encode:
+        vae.encode(torch.randn(4, 3, 64, 64))
+    assert encode.get_total_flops() / step.get_total_flops() == pytest.approx(1.12 / 2.33, rel=0.05)
+    scale = vae.config.scaling_factor  # calibrated like the default VAE
+    latent = vae.encode(fixtures._calibration_batch()).latent_dist.mean * scale
+    assert latent.std().item() == pytest.approx(1.0, rel=0.01)
