@@ -68,3 +68,16 @@ def train_argv(assets: dict[str, Path], output_dir: Path, *, sdxl: bool = False,
         else:
             argv.append(f"--{name}={value}")
     return argv
+
+
+def straight_and_resumed(assets: dict[str, Path], root: Path, stop_at: int, **flags) -> tuple[dict, dict]:
+    """Final weights of a run straight through and of the same run stopped at ``stop_at``
+    and resumed from its latest checkpoint (under ``root/straight`` and ``root/resumed``)."""
+    from safetensors.torch import load_file
+
+    from controlnet_trainer.cli import run
+
+    run(train_argv(assets, root / "straight", **flags))
+    run(train_argv(assets, root / "resumed", stop_at_step=stop_at, **flags))
+    run(train_argv(assets, root / "resumed", resume_from_checkpoint="latest", **flags))
+    return tuple(load_file(root / name / "diffusion_pytorch_model.safetensors") for name in ("straight", "resumed"))

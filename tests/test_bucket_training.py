@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import train_argv
+from conftest import straight_and_resumed, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer import data, fixtures
@@ -78,11 +78,7 @@ def test_sdxl_time_ids_describe_the_bucket_and_crop(mixed_shapes):
 
 def test_bucketed_run_resumes_exactly(assets, mixed_shapes, tmp_path):
     common = dict(dataset_name=mixed_shapes, resolution=RESOLUTION, aspect_ratio_buckets=True, max_train_steps=6)
-    run(train_argv(assets, tmp_path / "straight", **common))
-    run(train_argv(assets, tmp_path / "resumed", stop_at_step=3, **common))
-    run(train_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **common))
-    straight = load_file(tmp_path / "straight" / "diffusion_pytorch_model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "diffusion_pytorch_model.safetensors")
+    straight, resumed = straight_and_resumed(assets, tmp_path, 3, **common)
     assert all(torch.equal(straight[name], resumed[name]) for name in straight)
     # Each bucket's last batch may be short, so an epoch has more batches than 16 / 4.
     options = json.loads((tmp_path / "resumed" / "training_options.json").read_text())

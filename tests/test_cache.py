@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import train_argv
+from conftest import straight_and_resumed, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
@@ -58,11 +58,7 @@ def test_cached_runs_resume_exactly(assets, tmp_path):
     common = dict(
         max_train_steps=5, embeddings_cache_dir=tmp_path / "cache", proportion_empty_prompts=0.5, **CACHE_FLAGS
     )
-    run(train_argv(assets, tmp_path / "straight", **common))
-    run(train_argv(assets, tmp_path / "resumed", stop_at_step=2, **common))
-    run(train_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **common))
-    a = load_file(tmp_path / "straight" / "diffusion_pytorch_model.safetensors")
-    b = load_file(tmp_path / "resumed" / "diffusion_pytorch_model.safetensors")
+    a, b = straight_and_resumed(assets, tmp_path, 2, **common)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
