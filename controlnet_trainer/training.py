@@ -108,7 +108,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         probe = fidelity.probe_for_training(
             args, held_out, models, family, transform=transform, weight_dtype=plan.weight_dtype, seed=seed
         )
-    embeddings = None if args.streaming else cache.prepare_cache(accelerator, args, family, models, rows, transform)
+    embeddings = cache.prepare_cache(accelerator, args, family, models, rows, transform)  # never with --streaming
     offloaded = offload_cached_encoders(args, models)
     optimizer = make_optimizer(args, models.controlnet.parameters(), plan.learning_rate)
     lr_scheduler = get_scheduler(
