@@ -181,8 +181,8 @@ class ControlNetDataset(torch.utils.data.Dataset):
         with_image: bool = True,
         buckets: Sequence[Bucket] | None = None,
     ):
-        if not with_image and isinstance(rows.features.get(columns.image), datasets.Image):
-            rows = rows.cast_column(columns.image, datasets.Image(decode=False))
+        if not with_image:
+            rows = undecoded(rows, [columns.image])
         self.rows = rows
         self.columns = columns
         self.transform = transform
@@ -236,9 +236,7 @@ def image_sizes(rows: datasets.Dataset, column: str, *, num_workers: int) -> lis
 
 class _ImageSizes(torch.utils.data.Dataset):
     def __init__(self, rows: datasets.Dataset, column: str):
-        if isinstance(rows.features.get(column), datasets.Image):
-            rows = rows.cast_column(column, datasets.Image(decode=False))
-        self.rows = rows.select_columns([column])
+        self.rows = undecoded(rows, [column]).select_columns([column])
         self.column = column
 
     def __len__(self) -> int:
@@ -247,6 +245,15 @@ class _ImageSizes(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[int, int]:
         image = open_image(self.rows[index][self.column])  # lazy: PIL reads the header only
         return image.height, image.width
+
+
+def undecoded(rows, names: Sequence[str]):
+    """``rows`` (a Dataset or a stream) with the image columns ``names`` as undecoded bytes/paths:
+    for reading only headers, skipping rows cheaply, or reporting a corrupt file ourselves."""
+    for name in names:
+        if isinstance((rows.features or {}).get(name), datasets.Image):
+            rows = rows.cast_column(name, datasets.Image(decode=False))
+    return rows
 
 
 def caption_options(cell: str | Sequence[str]) -> list[str]:

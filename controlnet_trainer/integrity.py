@@ -14,7 +14,7 @@ import datasets
 import torch
 from PIL import Image
 
-from .data import Columns, DataError, open_image
+from .data import Columns, DataError, open_image, undecoded
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +31,6 @@ class Problem:
 class ScanReport:
     problems: tuple[Problem, ...]
     small_images: int  # images whose short side is below the resolution
-
-
-def _undecoded(rows: datasets.Dataset, columns: Columns) -> datasets.Dataset:
-    """Image features as raw bytes/paths, so a corrupt file is our error to report, not a crash."""
-    for name in (columns.image, columns.conditioning_image):
-        if isinstance(rows.features.get(name), datasets.Image):
-            rows = rows.cast_column(name, datasets.Image(decode=False))
-    return rows
 
 
 def _describe(value) -> str:
@@ -59,7 +51,8 @@ class _RowCheck(torch.utils.data.Dataset):
     """Per row: the problems found and whether its image is below the resolution."""
 
     def __init__(self, rows: datasets.Dataset, columns: Columns, resolution: int):
-        self.rows = _undecoded(rows, columns)
+        # Undecoded, so a corrupt file is our error to report, not a crash.
+        self.rows = undecoded(rows, [columns.image, columns.conditioning_image])
         self.columns = columns
         self.resolution = resolution
 

@@ -62,14 +62,6 @@ def split_stream(
     return stream, rows
 
 
-def undecoded(stream: datasets.IterableDataset, columns: data.Columns) -> datasets.IterableDataset:
-    """Image columns as bytes: rows skipped on resume, or belonging to another rank, are never decoded."""
-    for name in (columns.image, columns.conditioning_image):
-        if isinstance((stream.features or {}).get(name), datasets.Image):
-            stream = stream.cast_column(name, datasets.Image(decode=False))
-    return stream
-
-
 @dataclasses.dataclass(frozen=True)
 class StreamBatches:
     """Batches of one rank's share of the stream, epoch by epoch."""

@@ -250,7 +250,10 @@ def training_rows(accelerator: Accelerator, args: argparse.Namespace, seed: int)
             )
         # Rows of a stream are only opened as training reaches them; a bad one stops the run
         # there (or, with --skip_bad_images, is left out).
-        return streaming.undecoded(stream, data.columns_from_args(args)), held_out, args.max_train_samples
+        # Undecoded: rows skipped on resume, or belonging to another rank, are never decoded.
+        columns = data.columns_from_args(args)
+        stream = data.undecoded(stream, [columns.image, columns.conditioning_image])
+        return stream, held_out, args.max_train_samples
     with accelerator.main_process_first():
         rows = data.load_train_dataset(args)
     rows, held_out = fidelity.heldout_rows(args, checked_rows(accelerator, args, rows), seed)

@@ -42,7 +42,7 @@ def stream_of(source: Path) -> datasets.IterableDataset:
 def batches_of(stream, *, rank=0, num_processes=1, num_workers=0, epoch=0, skip=0, batch_size=4) -> list[list]:
     """(stream position, caption) of each sample of each batch a rank's loader yields."""
     source = streaming.StreamBatches(
-        stream=streaming.undecoded(stream, COLUMNS),
+        stream=data.undecoded(stream, [COLUMNS.image, COLUMNS.conditioning_image]),
         columns=COLUMNS,
         transform=data.PairedTransform(RESOLUTION),
         batch_size=batch_size,
