@@ -16,7 +16,7 @@ Sections:
 - ``fidelity``: the control gap after a fixed number of steps with the default settings of the
   demo (64 px, batch 4, learning rate 1e-3).
 
-A GPU section (real SD 1.5 / SDXL architectures, MFU) is not implemented; see the README.
+The GPU section (real SD 1.5 / SDXL architectures, MFU, GPU memory) is ``gpu_benchmark.py``.
 """
 
 from __future__ import annotations

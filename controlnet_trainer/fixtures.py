@@ -267,7 +267,7 @@ def _bpe_vocabulary(words: Sequence[str]) -> tuple[dict[str, int], list[tuple[st
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def _write_tokenizer(directory: Path, pad_token: str) -> CLIPTokenizer:
+def write_tokenizer(directory: Path, pad_token: str) -> CLIPTokenizer:
     """Write vocab.json/merges.txt/tokenizer_config.json as real SD repos have, then load them."""
     words = sorted({*COLOURS, *CAPTION_WORDS, *EXTRA_WORDS})
     vocab, merges = _bpe_vocabulary(words)
@@ -373,7 +373,7 @@ def build_tiny_sd(
     """
     path = Path(path)
     torch.manual_seed(seed)
-    tokenizer = _write_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
+    tokenizer = write_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
     # DDPMScheduler has no set_alpha_to_one (a DDIM/PNDM option); the rest matches SD 1.x.
     scheduler = DDPMScheduler(**_scheduler_betas(), prediction_type=prediction_type, clip_sample=False, steps_offset=1)
     pipeline = StableDiffusionPipeline(
@@ -394,8 +394,8 @@ def build_tiny_sdxl(path: str | Path, seed: int = 0, *, prediction_type: str = "
     """A tiny SDXL pipeline: two text encoders and a UNet with text_time added conditioning."""
     path = Path(path)
     torch.manual_seed(seed)
-    tokenizer = _write_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
-    tokenizer_2 = _write_tokenizer(path / "tokenizer_2", pad_token="!")  # as real SDXL pads its second one
+    tokenizer = write_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
+    tokenizer_2 = write_tokenizer(path / "tokenizer_2", pad_token="!")  # as real SDXL pads its second one
     time_embed_dim = 8
     unet = _unet(
         # Penultimate hidden states of both encoders are concatenated: 32 + 32.

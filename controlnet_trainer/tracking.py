@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from .plan import TrainPlan
@@ -61,6 +62,21 @@ class MetricsLog:
         """On resume, forget records of steps that the checkpoint does not contain."""
         kept = [r for r in read_metrics(self.path.parent) if r["step"] <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+def device_memory(device) -> dict:
+    """Peak accelerator memory since the process started, in GiB; nothing on the CPU.
+
+    Allocated is what tensors held; reserved is what PyTorch's caching allocator took from the
+    card, the figure to compare with its size (plus ~0.5 GiB of CUDA context).
+    """
+    if device.type != "cuda":
+        return {}
+    gib = 2**30
+    return {
+        "peak_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / gib,
+        "peak_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / gib,
+    }
 
 
 def _plain(value):

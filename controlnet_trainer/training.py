@@ -523,9 +523,8 @@ def log_losses(accelerator, pending, progress, lr_scheduler, bar, metrics, secon
     step_loss = accelerator.reduce(torch.stack(pending).mean(), reduction="mean").item()
     learning_rate = lr_scheduler.get_last_lr()[0]
     bar.set_postfix(loss=step_loss, lr=learning_rate)
-    metrics.log(
-        {"loss": step_loss, "lr": learning_rate, "step_seconds": seconds / len(pending)}, step=progress.global_step
-    )
+    values = {"loss": step_loss, "lr": learning_rate, "step_seconds": seconds / len(pending)}
+    metrics.log(values | tracking.device_memory(accelerator.device), step=progress.global_step)
     if not math.isfinite(step_loss):
         raise TrainingError(non_finite_message(step_loss, progress.global_step, metrics.path.parent))
 

@@ -1,0 +1,200 @@
+"""GPU benchmark: the published SD 1.5 (512 px) and SDXL (1024 px) architectures, bf16.
+
+    python benchmarks/gpu_benchmark.py [--out benchmarks/gpu_results.json] [--families sd15 sdxl]
+    python benchmarks/gpu_benchmark.py --tiny     # the same cases on the tiny fixtures, any device
+
+Models come from ``controlnet_trainer.reference_models`` (published configs, random weights, no
+download). Every case is one real training process of ``train_controlnet.py`` or
+``train_controlnet_sdxl.py`` on a fill dataset at the case's resolution with
+``--mixed_precision=bf16 --allow_tf32``. Per case it reports samples per second (from the median
+optimizer-step time after warm-up), model FLOP utilisation, and the peak GPU memory that the
+trainer logs (``peak_memory_reserved_gib``: what PyTorch took from the card).
+
+MFU = model FLOPs per sample x samples/s / 989 TFLOP/s (dense bf16 of an H100 or H200 SXM).
+Model FLOPs are counted once per family with ``torch.utils.flop_counter`` on meta tensors: the
+ControlNet forward and backward, the frozen UNet forward and its backward into the residuals,
+and for the uncached path also the VAE encoder and the text encoders. Gradient checkpointing's
+recomputation is not useful work, so it lowers MFU, as the usual definition has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchmark import run_training
+
+from controlnet_trainer import fixtures, reference_models
+
+PEAK_BF16_FLOPS = 989e12
+WARMUP_STEPS = 5
+MEMORY = ("--gradient_checkpointing", "--use_8bit_adam")
+SHORT_NAMES = {"--gradient_checkpointing": "ckpt", "--use_8bit_adam": "adam8bit", "--set_grads_to_none": "grads-none"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    family: str  # a reference_models family, or "tiny-sd"/"tiny-sdxl"
+    batch: int
+    cached: bool
+    options: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        options = "+".join(SHORT_NAMES[o] for o in self.options) or "default"
+        return f"{self.family} b{self.batch} {'cached' if self.cached else 'uncached'} {options}"
+
+
+def cases(family: str, tiny: bool) -> list[Case]:
+    """Throughput at a full batch, then memory at batch 1 with the memory options."""
+    name = f"tiny-{'sd' if family == 'sd15' else 'sdxl'}" if tiny else family
+    lean = (*MEMORY, "--set_grads_to_none")
+    if family == "sdxl":
+        big = 2
+        # The last is the recipe diffusers gives for SDXL on a 24 GB card.
+        return [Case(name, big, False), Case(name, big, True), Case(name, 1, False, lean)]
+    big = 2 if tiny else 16
+    return [
+        Case(name, big, False),
+        Case(name, big, True),
+        Case(name, big, True, lean),
+        # diffusers documents 16 GB for SD 1.5 at batch 1 with the last of these.
+        Case(name, 1, False),
+        Case(name, 1, False, MEMORY),
+        Case(name, 1, False, lean),
+    ]
+
+
+def resolution_of(family: str, tiny: bool) -> int:
+    return 64 if tiny else {"sd15": 512, "sdxl": 1024}[family]
+
+
+def case_flags(case: Case, model_dir: Path, data_dir: Path, work: Path, resolution: int, steps: int) -> list[str]:
+    cache = ["--cache_latents", "--cache_text_embeddings", f"--embeddings_cache_dir={work / 'cache'}"]
+    on_gpu = torch.cuda.is_available()
+    return [
+        f"--pretrained_model_name_or_path={model_dir}",
+        f"--dataset_name={data_dir}",
+        f"--output_dir={work / case.name.replace(' ', '_').replace('+', '_')}",
+        f"--resolution={resolution}",
+        f"--train_batch_size={case.batch}",
+        "--learning_rate=1e-5",
+        "--lr_warmup_steps=0",
+        f"--max_train_steps={steps}",
+        "--checkpointing_steps=100000",
+        "--logging_steps=1",
+        "--report_to=none",
+        "--mixed_precision=bf16",
+        "--seed=0",
+        f"--dataloader_num_workers={8 if on_gpu else 0}",
+        *(["--allow_tf32"] if on_gpu else []),
+        *(cache if case.cached else []),
+        *case.options,
+    ]
+
+
+def run_case(case: Case, flops: dict, flags: list[str], env: dict) -> dict:
+    row = {"case": case.name, "batch": case.batch}
+    try:
+        run = run_training(flags, env, sdxl="sdxl" in case.family)
+    except RuntimeError as error:  # one case failing (out of memory, say) must not lose the rest
+        row["error"] = str(error)[-1500:]
+        return row
+    records = run["records"]
+    step = statistics.median([r["step_seconds"] for r in records if "step_seconds" in r][WARMUP_STEPS:])
+    samples_per_second = case.batch / step
+    model_flops = flops["cached" if case.cached else "uncached"]
+    row |= {
+        "seconds_per_step": step,
+        "samples_per_second": samples_per_second,
+        "tflop_per_sample": model_flops / 1e12,
+        "mfu": model_flops * samples_per_second / PEAK_BF16_FLOPS,
+        "peak_memory_reserved_gib": peak(records, "peak_memory_reserved_gib"),
+        "peak_memory_allocated_gib": peak(records, "peak_memory_allocated_gib"),
+        "process_seconds": run["wall_seconds"],
+    }
+    return row
+
+
+def peak(records: list[dict], key: str) -> float | None:
+    """The largest logged value; None where nothing was logged (training on the CPU)."""
+    return max((r[key] for r in records if key in r), default=None)
+
+
+def build_assets(family: str, tiny: bool, work: Path) -> tuple[Path, Path]:
+    model_dir = work / f"model-{family}"
+    if tiny:
+        (fixtures.build_tiny_sdxl if family == "sdxl" else fixtures.build_tiny_sd)(model_dir)
+    else:
+        reference_models.build_reference(family, model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    rows = 128 if family == "sd15" else 64
+    data_dir = fixtures.build_fill_dataset(work / f"fill-{family}", num_rows=rows, size=resolution_of(family, tiny))
+    return model_dir, data_dir
+
+
+def print_row(row: dict) -> None:
+    if "error" in row:
+        print(f"{row['case']:<45} FAILED: {row['error'].splitlines()[-1] if row['error'] else ''}", flush=True)
+        return
+    memory = row["peak_memory_reserved_gib"]
+    print(
+        f"{row['case']:<45}{row['seconds_per_step']:>8.3f}{row['samples_per_second']:>10.1f}"
+        f"{row['mfu'] * 100:>7.1f}%{'-' if memory is None else f'{memory:.1f}':>9}",
+        flush=True,
+    )
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{gpu}; torch {torch.__version__}; {os.cpu_count()} CPU cores; Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu_results.json"))
+    parser.add_argument("--families", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
+    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this")
+    parser.add_argument("--tiny", action="store_true", help="tiny fixtures at 64 px: checks the script anywhere")
+    args = parser.parse_args()
+
+    path_entries = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(path_entries), "HF_HUB_OFFLINE": "1"}
+    results = {"machine": machine(), "command": " ".join(sys.argv), "peak_flops": PEAK_BF16_FLOPS, "cases": []}
+    print(f"{results['machine']}\n{'case':<45}{'s/step':>8}{'samples/s':>10}{'MFU':>8}{'GiB':>9}", flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(scratch)
+        for family in args.families:
+            model_dir, data_dir = build_assets(family, args.tiny, work)
+            resolution = resolution_of(family, args.tiny)
+            flops = reference_models.step_flops(reference_models.meta_components(model_dir), resolution)
+            results[f"tflop_per_sample_{family}"] = {k: v / 1e12 for k, v in flops.items()}
+            for case in [c for c in cases(family, args.tiny) if args.only in c.name]:
+                flags = case_flags(case, model_dir, data_dir, work, resolution, args.steps)
+                try:
+                    row = run_case(case, flops, flags, env)
+                except Exception:  # noqa: BLE001 - a broken case is reported, the rest still run
+                    row = {"case": case.name, "error": traceback.format_exc()}
+                results["cases"].append(row)
+                print_row(row)
+                # Written after every case, so a run cut short still leaves its figures.
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The published SD 1.5 and SDXL base architectures with random weights, for GPU benchmarks.
+
+Nothing is downloaded: the configs below are those of runwayml/stable-diffusion-v1-5 and
+stabilityai/stable-diffusion-xl-base-1.0 (UNet, VAE, text encoders, training scheduler), so a
+step costs what it costs on the real models. Only the tokenizer is the fixtures' small-vocabulary
+CLIP tokenizer: it changes which token ids a prompt becomes, not the arithmetic of a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import transformers
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from . import fixtures, loss
+
+SD15_UNET = {
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+    "layers_per_block": 2,
+    "sample_size": 64,
+}
+SDXL_UNET = {
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "layers_per_block": 2,
+    "sample_size": 128,
+}
+VAE = {
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+}
+SDXL_VAE = {**VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SD15_VAE = {**VAE, "sample_size": 512, "scaling_factor": 0.18215}
+CLIP_VIT_L = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+OPENCLIP_BIGG = {
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+# The scheduler both training scripts load; inference schedulers do not enter a training step.
+SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "clip_sample": False,
+    "steps_offset": 1,
+}
+FAMILIES = ("sd15", "sdxl")
+
+
+def text_encoder(config: dict, tokenizer: CLIPTokenizer, *, projection: bool) -> torch.nn.Module:
+    text_config = CLIPTextConfig(
+        **config,
+        vocab_size=49408,
+        max_position_embeddings=fixtures.MODEL_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(text_config)
+
+
+def components(family: str, tokenizers: dict[str, CLIPTokenizer]) -> dict[str, torch.nn.Module]:
+    """UNet, VAE and text encoders of ``family``, on the current default device (meta counts FLOPs)."""
+    if family == "sd15":
+        return {
+            "unet": UNet2DConditionModel(**SD15_UNET),
+            "vae": AutoencoderKL(**SD15_VAE),
+            "text_encoder": text_encoder(CLIP_VIT_L, tokenizers["tokenizer"], projection=False),
+        }
+    if family == "sdxl":
+        return {
+            "unet": UNet2DConditionModel(**SDXL_UNET),
+            "vae": AutoencoderKL(**SDXL_VAE),
+            "text_encoder": text_encoder(CLIP_VIT_L, tokenizers["tokenizer"], projection=False),
+            "text_encoder_2": text_encoder(OPENCLIP_BIGG, tokenizers["tokenizer_2"], projection=True),
+        }
+    raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+
+
+def write_tokenizers(family: str, path: Path) -> dict[str, CLIPTokenizer]:
+    tokenizers = {"tokenizer": fixtures.write_tokenizer(path / "tokenizer", pad_token=fixtures.EOS_TOKEN)}
+    if family == "sdxl":  # SDXL's second tokenizer pads with "!"
+        tokenizers["tokenizer_2"] = fixtures.write_tokenizer(path / "tokenizer_2", pad_token="!")
+    return tokenizers
+
+
+def build_reference(family: str, path: str | Path, *, device: str | torch.device = "cpu") -> Path:
+    """Write a diffusers-format pipeline folder of ``family`` ("sd15" or "sdxl") to ``path``.
+
+    ``device="cuda"`` initialises the ~1-3.5 billion random weights on the GPU, in seconds.
+    """
+    path = Path(path)
+    tokenizers = write_tokenizers(family, path)
+    with torch.device(device):
+        parts = components(family, tokenizers)
+    for name, module in parts.items():
+        module.save_pretrained(path / name)
+    DDPMScheduler(**SCHEDULER).save_pretrained(path / "scheduler")
+    return path
+
+
+def meta_components(model_dir: str | Path) -> dict[str, torch.nn.Module]:
+    """The UNet, VAE and text encoders of any diffusers pipeline folder, from its configs alone."""
+    model_dir = Path(model_dir)
+    with torch.device("meta"):
+        parts = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(model_dir / "unet")),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(model_dir / "vae")),
+        }
+        for name in ("text_encoder", "text_encoder_2"):
+            if (model_dir / name).exists():
+                config = transformers.AutoConfig.from_pretrained(model_dir / name)
+                parts[name] = getattr(transformers, (config.architectures or ["CLIPTextModel"])[0])(config)
+    return parts
+
+
+def _count_flops(function) -> float:
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return counter.get_total_flops()
+
+
+def step_flops(parts: dict[str, torch.nn.Module], resolution: int) -> dict[str, float]:
+    """Model FLOPs of one sample's training step, counted on meta tensors (no memory, no arithmetic).
+
+    "cached": the ControlNet forward and backward plus the frozen UNet's forward and its backward
+    into the residuals; "uncached" adds the VAE encoder and the text encoders. ``parts`` are meta
+    modules (``components`` under ``torch.device("meta")``, or ``meta_components``).
+    """
+    unet, vae = parts["unet"], parts["vae"]
+    text = [parts[name] for name in ("text_encoder", "text_encoder_2") if name in parts]
+    with torch.device("meta"):
+        controlnet = ControlNetModel.from_unet(unet)
+    for module in (unet, vae, *text):
+        module.requires_grad_(False)
+    meta = {"device": "meta"}
+    pixels = torch.empty(1, 3, resolution, resolution, **meta)
+    latents = torch.empty(1, unet.config.in_channels, resolution // 8, resolution // 8, **meta)
+    added = None
+    if unet.config.addition_embed_type == "text_time":
+        pooled = text[-1].config.projection_dim
+        added = {"text_embeds": torch.empty(1, pooled, **meta), "time_ids": torch.empty(1, 6, **meta)}
+    width = sum(encoder.config.hidden_size for encoder in text)
+
+    def step():
+        loss.diffusion_loss(
+            unet=unet,
+            controlnet=controlnet,
+            noise_scheduler=DDPMScheduler(**SCHEDULER),
+            latents=latents,
+            noise=torch.empty_like(latents),
+            timesteps=torch.zeros(1, dtype=torch.long, **meta),
+            encoder_hidden_states=torch.empty(1, fixtures.MODEL_MAX_LENGTH, width, **meta),
+            controlnet_image=pixels,
+            added_cond_kwargs=added,
+        ).backward()
+
+    token_ids = torch.zeros(1, fixtures.MODEL_MAX_LENGTH, dtype=torch.long, **meta)
+    frozen = _count_flops(lambda: vae.encode(pixels).latent_dist.sample()) + sum(
+        _count_flops(lambda e=encoder: e(token_ids, output_hidden_states=True)) for encoder in text
+    )
+    trained = _count_flops(step)
+    return {"cached": trained, "uncached": trained + frozen}
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("family", choices=FAMILIES)
+    parser.add_argument("output_dir", type=Path)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse_args(argv)
+    print(f"wrote {build_reference(args.family, args.output_dir, device=args.device)}")
+
+
+if __name__ == "__main__":
+    main()
