@@ -118,18 +118,15 @@ def case_flags(case: Case, model_dir: Path, data_dir: Path, work: Path, resoluti
 
 
 def run_case(case: Case, flops: dict, flags: list[str], env: dict) -> dict:
-    row = {"case": case.name, "batch": case.batch}
-    try:
-        run = run_training(flags, env, sdxl="sdxl" in case.family)
-    except RuntimeError as error:  # one case failing (out of memory, say) must not lose the rest
-        row["error"] = str(error)[-1500:]
-        return row
+    run = run_training(flags, env, sdxl="sdxl" in case.family)
     records = run["records"]
     steps = [r["step_seconds"] for r in records if "step_seconds" in r]
     step = statistics.median(steps[WARMUP_STEPS:])
     samples_per_second = case.batch / step
     model_flops = flops["cached" if case.cached else "uncached"]
-    row |= {
+    return {
+        "case": case.name,
+        "batch": case.batch,
         "seconds_per_step": step,
         "samples_per_second": samples_per_second,
         "tflop_per_sample": model_flops / 1e12,
@@ -140,7 +137,6 @@ def run_case(case: Case, flops: dict, flags: list[str], env: dict) -> dict:
         # Start-up, loading, cache build and the final save: where a short run's time goes.
         "process_seconds_outside_steps": run["wall_seconds"] - sum(steps),
     }
-    return row
 
 
 def peak(records: list[dict], key: str) -> float | None:
@@ -200,8 +196,8 @@ def main() -> None:
                 flags = case_flags(case, model_dir, data_dir, work, resolution, args.steps)
                 try:
                     row = run_case(case, flops, flags, env)
-                except Exception:  # noqa: BLE001 - a broken case is reported, the rest still run
-                    row = {"case": case.name, "error": traceback.format_exc()}
+                except Exception as error:  # noqa: BLE001 - one case failing (out of memory, say) must not lose the rest
+                    row = {"case": case.name, "error": "".join(traceback.format_exception(error))[-3000:]}
                 results["cases"].append(row)
                 print_row(row)
                 # Written after every case, so a run cut short still leaves its figures.
