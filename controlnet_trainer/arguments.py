@@ -483,11 +483,6 @@ def _check_buckets(args: argparse.Namespace) -> None:
             "`--aspect_ratio_buckets` cannot be combined with `--streaming`: bucketing needs every "
             "image's size before training to group them. Drop one of the two."
         )
-    if args.cache_latents:
-        raise ArgumentError(
-            "`--aspect_ratio_buckets` cannot be combined with `--cache_latents` yet: the latent cache "
-            "holds one shape for all images. Drop --cache_latents (--cache_text_embeddings works)."
-        )
 
 
 def _check_validation_pairs(prompts: Sequence[str] | None, images: Sequence[str] | None) -> None:

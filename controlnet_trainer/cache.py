@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -25,12 +26,13 @@ import torch
 from accelerate import Accelerator
 
 from . import data
+from .buckets import Bucket
 from .family import ModelFamily, TextConditioning
 from .models import Models
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the stored layout or the encoding changes
+CACHE_VERSION = 2  # bump when the stored layout or the encoding changes
 COMPLETE = "complete.json"
 _TEXT_BATCH = 32  # prompts are short: this batch's memory is small at any resolution
 
@@ -68,6 +70,8 @@ def cache_key(
         "rows": [rows._fingerprint, len(rows)],
         "columns": dataclasses.astuple(data.columns_from_args(args)),
         "latents": bool(args.cache_latents),
+        # Rows are assigned to buckets from their sizes and the resolution, both keyed above.
+        "aspect_ratio_buckets": bool(getattr(args, "aspect_ratio_buckets", False)),
         "text": bool(args.cache_text_embeddings),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -78,18 +82,22 @@ class EmbeddingCache:
     """Memory-mapped cached tensors; rows are indexed by dataset position."""
 
     directory: Path
-    latent_mean: np.ndarray | None
-    latent_std: np.ndarray | None
+    # One array per latent shape (one shape, or one per aspect-ratio bucket), and each row's
+    # (shape group, position in it).
+    latent_means: tuple[np.ndarray, ...] | None
+    latent_stds: tuple[np.ndarray, ...] | None
+    latent_slots: np.ndarray | None
     text_hidden: np.ndarray | None
     text_pooled: np.ndarray | None
     caption_ids: list[list[int]] | None  # per row, per caption: a row of text_hidden (0 is "")
 
-    def latents(self, indices: torch.Tensor, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
-        """A fresh sample of each image's posterior, as ``latent_dist.sample()`` draws it."""
-        rows = indices.tolist()
+    def latents(self, index: int, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
+        """A fresh sample of row ``index``'s posterior (batch of 1), as ``latent_dist.sample()`` draws it."""
+        group, position = self.latent_slots[index].tolist()
         device = generator.device
-        mean = torch.from_numpy(self.latent_mean[rows]).to(device, non_blocking=True)
-        std = torch.from_numpy(self.latent_std[rows]).to(device, non_blocking=True)
+        rows = slice(position, position + 1)
+        mean = torch.from_numpy(self.latent_means[group][rows]).to(device, non_blocking=True)
+        std = torch.from_numpy(self.latent_stds[group][rows]).to(device, non_blocking=True)
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
         return (mean + std * noise) * scaling_factor
 
@@ -113,7 +121,7 @@ def _write(directory: Path, name: str, array: np.ndarray) -> None:
 
 @torch.no_grad()
 def _encode_latents(
-    models: Models, dataset: data.ControlNetDataset, batch_size: int, num_workers: int
+    models: Models, dataset: torch.utils.data.Dataset, batch_size: int, num_workers: int
 ) -> tuple[np.ndarray, ...]:
     # The training batch: the encoder then needs no more memory than an uncached step gives it
     # (a batch of 32 at 1024 px in fp32 took ~80 GiB for SDXL's VAE on an H200).
@@ -140,6 +148,16 @@ def _encode_texts(models: Models, family: ModelFamily, prompts: list[str]) -> tu
     return np.concatenate(hidden), (np.concatenate(pooled) if pooled else None)
 
 
+def _latent_groups(buckets: Sequence[Bucket] | None, num_rows: int) -> list[list[int]]:
+    """Row indices that share a latent shape: all rows, or one list per aspect-ratio bucket."""
+    if buckets is None:
+        return [list(range(num_rows))]
+    groups: dict[Bucket, list[int]] = {}
+    for index, bucket in enumerate(buckets):
+        groups.setdefault(bucket, []).append(index)
+    return list(groups.values())
+
+
 def build(
     directory: Path,
     args: argparse.Namespace,
@@ -147,6 +165,7 @@ def build(
     models: Models,
     rows: datasets.Dataset,
     transform: data.PairedTransform,
+    buckets: Sequence[Bucket] | None = None,
 ) -> None:
     """Encode everything into ``directory``, written under a temporary name then renamed."""
     partial = directory.with_name(directory.name + ".partial")
@@ -154,10 +173,16 @@ def build(
     partial.mkdir(parents=True)
     columns = data.columns_from_args(args)
     if args.cache_latents:
-        dataset = data.ControlNetDataset(rows, columns, transform)
-        mean, std = _encode_latents(models, dataset, args.train_batch_size, args.dataloader_num_workers)
-        _write(partial, "latent_mean", mean)
-        _write(partial, "latent_std", std)
+        dataset = data.ControlNetDataset(rows, columns, transform, buckets=buckets)
+        groups = _latent_groups(buckets, len(rows))
+        slots = np.zeros((len(rows), 2), dtype=np.int64)
+        for group, indices in enumerate(groups):
+            subset = torch.utils.data.Subset(dataset, indices)
+            mean, std = _encode_latents(models, subset, args.train_batch_size, args.dataloader_num_workers)
+            _write(partial, f"latent_mean_{group}", mean)
+            _write(partial, f"latent_std_{group}", std)
+            slots[indices] = [(group, position) for position in range(len(indices))]
+        _write(partial, "latent_slots", slots)
     if args.cache_text_embeddings:
         captions = _captions(rows, columns.caption)
         # Index 0 is the empty prompt that dropout swaps in; each distinct caption is encoded once.
@@ -180,10 +205,13 @@ def load(directory: Path) -> EmbeddingCache:
         return np.load(path, mmap_mode="r") if path.exists() else None
 
     ids_path = directory / "caption_ids.json"
+    slots = array("latent_slots")
+    groups = range(0 if slots is None else int(slots[:, 0].max()) + 1)
     return EmbeddingCache(
         directory=directory,
-        latent_mean=array("latent_mean"),
-        latent_std=array("latent_std"),
+        latent_means=tuple(array(f"latent_mean_{group}") for group in groups) or None,
+        latent_stds=tuple(array(f"latent_std_{group}") for group in groups) or None,
+        latent_slots=slots,
         text_hidden=array("text_hidden"),
         text_pooled=array("text_pooled"),
         caption_ids=json.loads(ids_path.read_text()) if ids_path.exists() else None,
@@ -197,15 +225,19 @@ def prepare_cache(
     models: Models,
     rows: datasets.Dataset,
     transform: data.PairedTransform,
+    buckets: Sequence[Bucket] | None = None,
 ) -> EmbeddingCache | None:
-    """The cache for this run: built once by the main process, then loaded by every process."""
+    """The cache for this run: built once by the main process, then loaded by every process.
+
+    ``buckets`` are the rows' aspect-ratio buckets, if any: latents are then stored per bucket.
+    """
     if not (args.cache_latents or args.cache_text_embeddings):
         return None
     directory = cache_root(args) / cache_key(args, family, rows, transform)
     with accelerator.main_process_first():
         if accelerator.is_main_process and not (directory / COMPLETE).exists():
             logger.info("Caching embeddings of %d rows in %s", len(rows), directory)
-            build(directory, args, family, models, rows, transform)
+            build(directory, args, family, models, rows, transform, buckets)
         elif accelerator.is_main_process:
             logger.info("Reusing the embeddings cached in %s", directory)
     return load(directory)

@@ -108,7 +108,8 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         probe = fidelity.probe_for_training(
             args, held_out, models, family, transform=transform, weight_dtype=plan.weight_dtype, seed=seed
         )
-    embeddings = cache.prepare_cache(accelerator, args, family, models, rows, transform)  # never with --streaming
+    row_buckets = None if sampler is None else sampler.buckets_of_samples
+    embeddings = cache.prepare_cache(accelerator, args, family, models, rows, transform, row_buckets)
     offloaded = offload_cached_encoders(args, models)
     optimizer = make_optimizer(args, models.controlnet.parameters(), plan.learning_rate)
     lr_scheduler = get_scheduler(
@@ -131,7 +132,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
             data.columns_from_args(args),
             transform,
             with_image=not args.cache_latents,
-            buckets=None if sampler is None else sampler.buckets_of_samples,
+            buckets=row_buckets,
         )
         loader = data.make_dataloader(
             dataset,
@@ -350,11 +351,11 @@ def encode_batch(
     ]
     scaling = models.vae.config.scaling_factor
     with torch.no_grad():
-        if embeddings is not None and embeddings.latent_mean is not None:
+        if embeddings is not None and embeddings.latent_slots is not None:
             latents = torch.cat(
                 [
-                    embeddings.latents(batch["index"][i : i + 1], generator, scaling)
-                    for i, generator in enumerate(device_generators)
+                    embeddings.latents(index, generator, scaling)
+                    for index, generator in zip(batch["index"].tolist(), device_generators, strict=True)
                 ]
             )
         else:

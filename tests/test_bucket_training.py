@@ -24,7 +24,7 @@ COLUMNS = data.Columns("image", "conditioning_image", "text")
 
 @pytest.fixture(scope="module")
 def mixed_shapes(tmp_path_factory) -> Path:
-    """16 fill rows 128 px high: half 256 wide, half 64 wide."""
+    """16 fill rows 128 px high, each 256 or 64 px wide (drawn at random)."""
     return fixtures.build_fill_dataset(
         tmp_path_factory.mktemp("mixed") / "fill", num_rows=16, size=RESOLUTION, aspect_ratios=(2.0, 0.5)
     )
@@ -105,11 +105,33 @@ def test_sdxl_trains_on_non_square_buckets(sdxl_assets, mixed_shapes, tmp_path):
     assert all(np.isfinite(tensor.numpy()).all() for tensor in weights.values())
 
 
+def test_bucketed_latents_are_cached_per_bucket(assets, mixed_shapes, tmp_path):
+    """A cached bucketed run follows the uncached one; the cache holds one array per bucket."""
+    flags = dict(
+        dataset_name=mixed_shapes,
+        resolution=RESOLUTION,
+        aspect_ratio_buckets=True,
+        train_batch_size=2,
+        max_train_steps=4,
+    )
+    run(train_argv(assets, tmp_path / "plain", **flags))
+    cache_root = tmp_path / "cache"
+    run(train_argv(assets, tmp_path / "cached", cache_latents=True, embeddings_cache_dir=cache_root, **flags))
+    assert losses(tmp_path / "cached") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+    (cache_dir,) = [p for p in cache_root.iterdir() if (p / "complete.json").exists()]
+    arrays = [np.load(path) for path in cache_dir.glob("latent_mean_*.npy")]
+    assert sorted(a.shape[2:] for a in arrays) == [(8, 16), (16, 8)]  # the buckets at 1/8 scale
+    assert sum(len(a) for a in arrays) == 16  # every row once
+
+
+def losses(output_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (dict(resolution=96), "multiple of 64.*--resolution=128"),
-        (dict(cache_latents=True), "cannot be combined with `--cache_latents`"),
         (dict(streaming=True), "cannot be combined with `--streaming`"),
     ],
 )

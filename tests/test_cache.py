@@ -43,14 +43,14 @@ def test_cache_is_reused_and_invalidated(assets, tmp_path):
     common = dict(max_train_steps=1, embeddings_cache_dir=cache_root, **CACHE_FLAGS)
     run(train_argv(assets, tmp_path / "a", **common))
     (first,) = cache_dirs(cache_root)
-    stamp = (cache_root / first / "latent_mean.npy").stat().st_mtime_ns
+    stamp = (cache_root / first / "latent_mean_0.npy").stat().st_mtime_ns
     run(train_argv(assets, tmp_path / "b", **common))
     assert cache_dirs(cache_root) == {first}
-    assert (cache_root / first / "latent_mean.npy").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert (cache_root / first / "latent_mean_0.npy").stat().st_mtime_ns == stamp  # reused, not rebuilt
     run(train_argv(assets, tmp_path / "c", resolution=32, **common))
     run(train_argv(assets, tmp_path / "d", max_train_samples=12, **common))
     assert len(cache_dirs(cache_root)) == 3  # resolution and data each key their own cache
-    mean = np.load(cache_root / first / "latent_mean.npy")
+    mean = np.load(cache_root / first / "latent_mean_0.npy")
     assert mean.shape == (24, 4, 8, 8)
 
 
