@@ -95,7 +95,7 @@ class EmbeddingCache:
         """A fresh sample of row ``index``'s posterior (batch of 1), as ``latent_dist.sample()`` draws it."""
         group, position = self.latent_slots[index].tolist()
         device = generator.device
-        rows = slice(position, position + 1)
+        rows = [position]  # a list index copies out of the read-only memory map
         mean = torch.from_numpy(self.latent_means[group][rows]).to(device, non_blocking=True)
         std = torch.from_numpy(self.latent_stds[group][rows]).to(device, non_blocking=True)
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
