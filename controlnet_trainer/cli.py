@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
 from collections.abc import Sequence
 
@@ -16,7 +18,13 @@ def run(argv: Sequence[str] | None = None, *, sdxl: bool = False):
     # Imported after parsing so that --help and bad flags answer without loading torch.
     from .training import train
 
-    return train(args, SDXL if sdxl else SD)
+    # stdout carries only what the command answers (the --dry_run plan): some libraries log there
+    # (DeepSpeed binds its logger to stdout when imported).
+    with contextlib.redirect_stdout(sys.stderr):
+        result = train(args, SDXL if sdxl else SD)
+    if result.plan is not None:
+        print(json.dumps(result.plan, indent=2))
+    return result
 
 
 def main(sdxl: bool = False) -> None:

@@ -31,6 +31,7 @@ share of the samples and the main process prints the combined result.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -465,9 +466,11 @@ def evaluate_saved(args: argparse.Namespace, accelerator: Accelerator) -> Fideli
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        check_args(args)
-        accelerator = Accelerator()
-        result = evaluate_saved(args, accelerator)
+        # stdout carries only the JSON answer: some libraries log there (DeepSpeed, when imported).
+        with contextlib.redirect_stdout(sys.stderr):
+            check_args(args)
+            accelerator = Accelerator()
+            result = evaluate_saved(args, accelerator)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import random
@@ -62,6 +61,7 @@ class RunResult:
     output_dir: Path
     global_step: int
     stopped_early: bool = False
+    plan: dict | None = None  # with --dry_run: the family and the plan, nothing trained
 
 
 def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
@@ -90,8 +90,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         seed=seed,
     )
     if args.dry_run:
-        print(json.dumps({"family": family.name, "plan": plan.to_json()}, indent=2))
-        return RunResult(output_dir, 0)
+        return RunResult(output_dir, 0, plan={"family": family.name, "plan": plan.to_json()})
 
     models = load_models(args, family)
     freeze_and_place(

@@ -151,6 +151,23 @@ def test_dry_run_prints_plan_and_trains_nothing(assets, tmp_path, capsys):
     assert not (tmp_path / "config.json").exists()
 
 
+def test_stdout_holds_only_the_plan_when_a_library_prints_there(assets, tmp_path, capsys, monkeypatch):
+    """DeepSpeed, for one, logs to stdout once imported; `--dry_run | jq` must still work."""
+    from controlnet_trainer import training
+
+    real = training.make_accelerator
+
+    def noisy(*args, **kwargs):
+        print("[WARNING] a library talking on stdout")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "make_accelerator", noisy)
+    run(train_argv(assets, tmp_path, dry_run=True))
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["family"] == "sd"
+    assert "a library talking on stdout" in captured.err
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
     from controlnet_trainer.training import TrainingError
 
