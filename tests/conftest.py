@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,16 @@ from accelerate.state import AcceleratorState, GradientState
 from controlnet_trainer import fixtures
 
 RESOLUTION = 64
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script_env(**extra) -> dict:
+    """The environment of a training script run as a child process: offline, importing this
+    checkout, and free of the caller's accelerate settings (a config file, forced CPU)."""
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for name in ("ACCELERATE_CONFIG_FILE", "ACCELERATE_USE_CPU"):
+        env.pop(name, None)
+    return env | extra
 
 
 @pytest.fixture(scope="session")

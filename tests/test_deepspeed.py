@@ -8,20 +8,18 @@ the final weights must equal a plain run's. ZeRO-3 must be refused before any tr
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import train_argv
+from conftest import ROOT, script_env, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
 
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
@@ -43,11 +41,12 @@ def deepspeed_config(path: Path, zero_stage: int) -> Path:
 
 def launch(config: Path, argv: list[str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for name in ("ACCELERATE_CONFIG_FILE", "ACCELERATE_USE_CPU"):
-        env.pop(name, None)
     return subprocess.run(
-        [*command, str(ROOT / "train_controlnet.py"), *argv], env=env, capture_output=True, text=True, timeout=600
+        [*command, str(ROOT / "train_controlnet.py"), *argv],
+        env=script_env(),  # DeepSpeed starts only without accelerate's forced CPU
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import train_argv
+from conftest import ROOT, script_env, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer import training
 from controlnet_trainer.cli import run
 
-ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 LAUNCH_TIMEOUT = 600  # generous: a rank stuck in a collective shows up as a timeout, with its output
 
@@ -63,12 +62,6 @@ cli.main()
 """
 
 
-def script_env(**extra) -> dict:
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("ACCELERATE_CONFIG_FILE", None)
-    return env | {"ACCELERATE_USE_CPU": "true"} | extra
-
-
 def launch_two(script: Path, argv: list[str], **env) -> subprocess.CompletedProcess:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
@@ -76,7 +69,7 @@ def launch_two(script: Path, argv: list[str], **env) -> subprocess.CompletedProc
     ]  # fmt: skip
     # Own process group, so that a hang is ended by killing the launcher and both ranks.
     process = subprocess.Popen(
-        command, env=script_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        command, env=script_env(ACCELERATE_USE_CPU="true", **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
     try:

@@ -10,9 +10,8 @@ import sys
 import time
 
 import torch
-from conftest import train_argv
+from conftest import ROOT, script_env, train_argv
 from safetensors.torch import load_file
-from test_launch import ROOT, script_env
 
 from controlnet_trainer.checkpointing import list_checkpoints
 from controlnet_trainer.cli import run

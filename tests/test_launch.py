@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,16 +10,10 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import train_argv
+from conftest import ROOT, script_env, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def script_env() -> dict:
-    return os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_accelerate_launch_trains_and_saves(assets, tmp_path):
