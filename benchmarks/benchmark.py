@@ -52,7 +52,7 @@ def run_training(flags: list[str], env: dict, *, sdxl: bool = False) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"training failed: {' '.join(command)}\n{log.read_text()[-3000:]}")
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"wall_seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "records": records}
+    return {"wall_seconds": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "records": records, "log": log}
 
 
 def median_step(records: list[dict], warmup: int) -> float:

@@ -10,6 +10,10 @@ download). Every case is one real training process of ``train_controlnet.py`` or
 optimizer-step time after warm-up), model FLOP utilisation, and the peak GPU memory that the
 trainer logs (``peak_memory_reserved_gib``: what PyTorch took from the card).
 
+Steps are timed as the trainer logs them: the mean over each --logging_steps window (5 steps, so
+the loss is read back, which waits for the GPU, once per window as in a real run); the first
+window is warm-up.
+
 MFU = model FLOPs per sample x samples/s / 989 TFLOP/s (dense bf16 of an H100 or H200 SXM).
 Model FLOPs are counted once per family with ``torch.utils.flop_counter`` on meta tensors: the
 ControlNet forward and backward, the frozen UNet forward and its backward into the residuals,
@@ -24,6 +28,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -41,13 +46,15 @@ from benchmark import run_training
 from controlnet_trainer import fixtures, reference_models
 
 PEAK_BF16_FLOPS = 989e12
-WARMUP_STEPS = 5
+LOG_EVERY = 5  # steps per timed window; the first window (warm-up, compilation) is left out
 MEMORY = ("--gradient_checkpointing", "--use_8bit_adam")
 SHORT_NAMES = {
     "--gradient_checkpointing": "ckpt",
     "--use_8bit_adam": "adam8bit",
     "--set_grads_to_none": "grads-none",
     "--torch_compile": "compiled",
+    "--channels_last": "channels-last",
+    "--logging_steps=1": "log-every-step",
 }
 
 
@@ -71,17 +78,21 @@ def cases(family: str, tiny: bool) -> list[Case]:
     if family == "sdxl":
         big = 2
         # The last is the recipe diffusers gives for SDXL on a 24 GB card.
-        return [Case(name, big, False), Case(name, big, True), Case(name, 1, False, lean)]
+        return [Case(name, big, True), Case(name, big, False), Case(name, 1, False, lean)]
     big = 2 if tiny else 16
     return [
-        Case(name, big, False),
         Case(name, big, True),
-        Case(name, big, True, lean),
-        # At batch 16 the step takes about as long as batch 1's, which is bound by issuing
+        # At batch 16 the step took about as long as batch 1's, which is bound by issuing
         # kernels from Python: a larger batch and compilation are the two ways past that.
         Case(name, 3 * big, True),
         # (inductor takes minutes to compile on a CPU: --tiny leaves this one out)
         *([] if tiny else [Case(name, big, True, ("--torch_compile",))]),
+        Case(name, big, False),
+        # What reading the loss back after every step (diffusers' way) costs.
+        Case(name, big, True, ("--logging_steps=1",)),
+        Case(name, big, True, ("--channels_last",)),
+        Case(name, big, True, MEMORY),
+        Case(name, big, True, lean),
         # diffusers documents 16 GB for SD 1.5 at batch 1 with the last of these.
         Case(name, 1, False),
         Case(name, 1, False, MEMORY),
@@ -106,7 +117,7 @@ def case_flags(case: Case, model_dir: Path, data_dir: Path, work: Path, resoluti
         "--lr_warmup_steps=0",
         f"--max_train_steps={steps}",
         "--checkpointing_steps=100000",
-        "--logging_steps=1",
+        f"--logging_steps={LOG_EVERY}",
         "--report_to=none",
         "--mixed_precision=bf16",
         "--seed=0",
@@ -120,8 +131,8 @@ def case_flags(case: Case, model_dir: Path, data_dir: Path, work: Path, resoluti
 def run_case(case: Case, flops: dict, flags: list[str], env: dict) -> dict:
     run = run_training(flags, env, sdxl="sdxl" in case.family)
     records = run["records"]
-    steps = [r["step_seconds"] for r in records if "step_seconds" in r]
-    step = statistics.median(steps[WARMUP_STEPS:])
+    windows = [r for r in records if "step_seconds" in r]
+    step = statistics.median(r["step_seconds"] for r in windows[1:])
     samples_per_second = case.batch / step
     model_flops = flops["cached" if case.cached else "uncached"]
     return {
@@ -133,10 +144,20 @@ def run_case(case: Case, flops: dict, flags: list[str], env: dict) -> dict:
         "mfu": model_flops * samples_per_second / PEAK_BF16_FLOPS,
         "peak_memory_reserved_gib": peak(records, "peak_memory_reserved_gib"),
         "peak_memory_allocated_gib": peak(records, "peak_memory_allocated_gib"),
-        "first_step_seconds": steps[0],
+        "first_window_seconds_per_step": windows[0]["step_seconds"],
         # Start-up, loading, cache build and the final save: where a short run's time goes.
-        "process_seconds_outside_steps": run["wall_seconds"] - sum(steps),
+        "process_seconds_outside_steps": run["wall_seconds"] - steps_run(windows),
+        "log": str(run["log"]),
     }
+
+
+def steps_run(windows: list[dict]) -> float:
+    """Seconds spent in steps: each window's mean times its number of steps."""
+    seconds, previous = 0.0, 0
+    for record in windows:
+        seconds += record["step_seconds"] * (record["step"] - previous)
+        previous = record["step"]
+    return seconds
 
 
 def peak(records: list[dict], key: str) -> float | None:
@@ -150,9 +171,15 @@ def build_assets(family: str, tiny: bool, work: Path) -> tuple[Path, Path]:
         (fixtures.build_tiny_sdxl if family == "sdxl" else fixtures.build_tiny_sd)(model_dir)
     else:
         reference_models.build_reference(family, model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
-    rows = 128 if family == "sd15" else 64
+    rows = 144 if family == "sd15" else 64  # whole batches of 16 and 48: every step is full
     data_dir = fixtures.build_fill_dataset(work / f"fill-{family}", num_rows=rows, size=resolution_of(family, tiny))
     return model_dir, data_dir
+
+
+def keep_log(row: dict, folder: str | None) -> None:
+    if folder and "log" in row:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(row["log"], Path(folder) / Path(row["log"]).name)
 
 
 def print_row(row: dict) -> None:
@@ -176,8 +203,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu_results.json"))
     parser.add_argument("--families", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
-    parser.add_argument("--steps", type=int, default=15)
-    parser.add_argument("--only", default="", help="run only the cases whose name contains this")
+    parser.add_argument("--steps", type=int, default=25, help=f"optimizer steps per case (windows of {LOG_EVERY})")
+    parser.add_argument("--logs", default=None, help="copy each case's training log into this folder")
+    parser.add_argument("--only", nargs="+", default=[""], help="run only the cases whose name contains one of these")
     parser.add_argument("--tiny", action="store_true", help="tiny fixtures at 64 px: checks the script anywhere")
     args = parser.parse_args()
 
@@ -192,12 +220,13 @@ def main() -> None:
             resolution = resolution_of(family, args.tiny)
             flops = reference_models.step_flops(reference_models.meta_components(model_dir), resolution)
             results[f"tflop_per_sample_{family}"] = {k: v / 1e12 for k, v in flops.items()}
-            for case in [c for c in cases(family, args.tiny) if args.only in c.name]:
+            for case in [c for c in cases(family, args.tiny) if any(part in c.name for part in args.only)]:
                 flags = case_flags(case, model_dir, data_dir, work, resolution, args.steps)
                 try:
                     row = run_case(case, flops, flags, env)
                 except Exception as error:  # noqa: BLE001 - one case failing (out of memory, say) must not lose the rest
                     row = {"case": case.name, "error": "".join(traceback.format_exception(error))[-3000:]}
+                keep_log(row, args.logs)
                 results["cases"].append(row)
                 print_row(row)
                 # Written after every case, so a run cut short still leaves its figures.

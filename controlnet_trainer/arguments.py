@@ -217,6 +217,13 @@ def _speed_group(parser: argparse.ArgumentParser) -> None:
         help="Set gradients to None instead of zero after each step (saves memory).",
     )
     group.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="Store the frozen UNet's and VAE's convolution weights channels-last (NHWC), the layout "
+        "tensor-core GPUs convolve in. The ControlNet keeps the usual layout, so its saved files "
+        "are unchanged. See the README's benchmark for whether it helps on your GPU.",
+    )
+    group.add_argument(
         "--torch_compile",
         nargs="?",
         const="inductor",

@@ -101,9 +101,9 @@ class EmbeddingCache:
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
         return (mean + std * noise) * scaling_factor
 
-    def text(self, indices: torch.Tensor, picks: list[int], device: torch.device) -> TextConditioning:
+    def text(self, indices: list[int], picks: list[int], device: torch.device) -> TextConditioning:
         """Embeddings of the chosen captions; -1 (dropped) takes the empty prompt's."""
-        ids = [0 if pick < 0 else self.caption_ids[row][pick] for row, pick in zip(indices.tolist(), picks)]
+        ids = [0 if pick < 0 else self.caption_ids[row][pick] for row, pick in zip(indices, picks)]
         hidden = torch.from_numpy(self.text_hidden[ids]).to(device, non_blocking=True)
         pooled = None
         if self.text_pooled is not None:

@@ -282,7 +282,8 @@ def collate(samples: Sequence[dict]) -> dict:
         "crop_top_left": torch.tensor([s["crop_top_left"] for s in samples]),
         "target_size": torch.tensor([s["target_size"] for s in samples]),
         "captions": [s["captions"] for s in samples],
-        "index": torch.tensor([s["index"] for s in samples]),
+        # A list stays on the host when Accelerate moves the batch: reading it never waits for the GPU.
+        "index": [int(s["index"]) for s in samples],
     }
     if "pixel_values" in samples[0]:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples]).contiguous()

@@ -86,10 +86,12 @@ def sdxl_time_ids(
     """
     crop = crop_top_left
     if crop_override is not None:
-        crop = torch.tensor(crop_override, dtype=crop_top_left.dtype).expand_as(crop_top_left)
+        crop = torch.tensor(crop_override, dtype=crop_top_left.dtype, device=crop_top_left.device).expand_as(crop_top_left)
     target = target_size
     if isinstance(target_size, int):
-        target = torch.tensor((target_size, target_size), dtype=original_size.dtype).expand_as(original_size)
+        target = torch.tensor(
+            (target_size, target_size), dtype=original_size.dtype, device=original_size.device
+        ).expand_as(original_size)
     return torch.cat([original_size, crop, target], dim=1)
 
 

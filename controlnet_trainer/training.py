@@ -188,7 +188,9 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to in ("none", "") else args.report_to,
         project_config=project,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Pinned batches copied without waiting: the next step's inputs can go over while the
+        # GPU still works on this one (the loader pins memory on CUDA).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -354,7 +356,7 @@ def encode_batch(
             latents = torch.cat(
                 [
                     embeddings.latents(index, generator, scaling)
-                    for index, generator in zip(batch["index"].tolist(), device_generators, strict=True)
+                    for index, generator in zip(batch["index"], device_generators, strict=True)
                 ]
             )
         else:
@@ -386,7 +388,7 @@ def micro_batch_loss(batch, models, family, args, plan, generators, embeddings=N
         noise=noise,
         timesteps=timesteps,
         encoder_hidden_states=text.encoder_hidden_states,
-        controlnet_image=batch["conditioning_pixel_values"].to(latents.device, plan.weight_dtype),
+        controlnet_image=batch["conditioning_pixel_values"].to(latents.device, plan.weight_dtype, non_blocking=True),
         added_cond_kwargs=unet_added_conditioning(
             family, text, batch, resolution=args.resolution, crop_override=crop_override_from_args(args)
         ),
@@ -465,7 +467,7 @@ def train_loop(
         epoch_batches, batches_per_epoch = batches.epoch(epoch, skip)
         index = skip - 1
         for index, batch in enumerate(epoch_batches, start=skip):
-            generators = step_generators(plan.seed, epoch, batch["index"].tolist(), accelerator.device)
+            generators = step_generators(plan.seed, epoch, batch["index"], accelerator.device)
             with accelerator.accumulate(models.controlnet):
                 loss = micro_batch_loss(batch, models, family, args, plan, generators, extras.embeddings)
                 accelerator.backward(loss)

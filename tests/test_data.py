@@ -139,7 +139,7 @@ def test_collate_stacks_and_keeps_caption_lists():
     sample = PairedTransform(16)(Image.new("RGB", (16, 16)), Image.new("RGB", (16, 16)))
     batch = collate([sample | {"captions": ["x"], "index": 3}, sample | {"captions": ["y", "z"], "index": 5}])
     assert batch["pixel_values"].shape == (2, 3, 16, 16)
-    assert batch["captions"] == [["x"], ["y", "z"]] and batch["index"].tolist() == [3, 5]
+    assert batch["captions"] == [["x"], ["y", "z"]] and batch["index"] == [3, 5]
     assert batch["original_size"].tolist() == [[16, 16], [16, 16]]
 
 

@@ -53,7 +53,7 @@ _loss = training.micro_batch_loss
 def _recorded(batch, *args, **kwargs):
     rank = PartialState().process_index
     with open(os.path.join(os.environ["PROBE_DIR"], f"rank{rank}.jsonl"), "a") as handle:
-        handle.write(json.dumps(batch["index"].tolist()) + "\\n")
+        handle.write(json.dumps(batch["index"]) + "\\n")
     return _loss(batch, *args, **kwargs)
 
 training.micro_batch_loss = _recorded
@@ -119,7 +119,7 @@ def one_process_run(assets, tmp_path_factory) -> dict:
     loss = training.micro_batch_loss
 
     def recorded(batch, *args, **kwargs):
-        seen.append(batch["index"].tolist())
+        seen.append(list(batch["index"]))
         return loss(batch, *args, **kwargs)
 
     threads = torch.get_num_threads()
@@ -234,7 +234,7 @@ def test_streaming_ranks_share_the_stream_and_match_one_process(assets, tmp_path
     loss = training.micro_batch_loss
 
     def recorded(batch, *args, **kwargs):
-        seen.append(batch["index"].tolist())
+        seen.append(list(batch["index"]))
         return loss(batch, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:

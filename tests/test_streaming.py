@@ -54,7 +54,7 @@ def batches_of(stream, *, rank=0, num_processes=1, num_workers=0, epoch=0, skip=
         skip_bad_images=False,
     )
     loader, _ = source.epoch(epoch, skip)
-    return [list(zip(batch["index"].tolist(), batch["captions"], strict=True)) for batch in loader]
+    return [list(zip(batch["index"], batch["captions"], strict=True)) for batch in loader]
 
 
 def test_webdataset_shards_load_with_the_default_column_names(shards, assets):
