@@ -53,7 +53,6 @@ SHORT_NAMES = {
     "--use_8bit_adam": "adam8bit",
     "--set_grads_to_none": "grads-none",
     "--torch_compile": "compiled",
-    "--channels_last": "channels-last",
     "--logging_steps=1": "log-every-step",
 }
 
@@ -90,7 +89,6 @@ def cases(family: str, tiny: bool) -> list[Case]:
         Case(name, big, False),
         # What reading the loss back after every step (diffusers' way) costs.
         Case(name, big, True, ("--logging_steps=1",)),
-        Case(name, big, True, ("--channels_last",)),
         Case(name, big, True, MEMORY),
         Case(name, big, True, lean),
         # diffusers documents 16 GB for SD 1.5 at batch 1 with the last of these.

@@ -217,21 +217,14 @@ def _speed_group(parser: argparse.ArgumentParser) -> None:
         help="Set gradients to None instead of zero after each step (saves memory).",
     )
     group.add_argument(
-        "--channels_last",
-        action="store_true",
-        help="Store the frozen UNet's and VAE's convolution weights channels-last (NHWC), the layout "
-        "tensor-core GPUs convolve in. The ControlNet keeps the usual layout, so its saved files "
-        "are unchanged. See the README's benchmark for whether it helps on your GPU.",
-    )
-    group.add_argument(
         "--torch_compile",
         nargs="?",
         const="inductor",
         default=None,
         metavar="BACKEND",
         help="Compile the frozen UNet and the ControlNet with torch.compile (backend: inductor, or "
-        "the one named). The first steps are slower while kernels are built; worth it for runs of "
-        "more than a few hundred steps on a GPU.",
+        "the one named). The first steps wait about 2 minutes while kernels are built (SD 1.5); then "
+        "a step is 1.36x faster on an H200 at batch 16, so it pays back after a few thousand steps.",
     )
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     group.add_argument(

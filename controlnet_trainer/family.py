@@ -51,7 +51,7 @@ def _token_ids(tokenizer, prompts: list[str], device: torch.device) -> torch.Ten
         padding="max_length",
         truncation=True,
         return_tensors="pt",
-    ).input_ids.to(device)
+    ).input_ids.to(device, non_blocking=True)  # a fresh host tensor: no need to wait for the GPU
 
 
 def encode_sd(tokenizers: Sequence, text_encoders: Sequence, prompts: list[str]) -> TextConditioning:

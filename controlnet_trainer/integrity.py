@@ -74,6 +74,7 @@ class _RowCheck(torch.utils.data.Dataset):
 
 
 def scan_images(rows: datasets.Dataset, columns: Columns, *, resolution: int, num_workers: int) -> ScanReport:
+    logger.info("Checking that the images of %d rows open", len(rows))
     loader = torch.utils.data.DataLoader(_RowCheck(rows, columns, resolution), batch_size=None, num_workers=num_workers)
     problems, small = [], 0
     for found, is_small in loader:

@@ -166,11 +166,6 @@ def enable_memory_options(args: argparse.Namespace, models: Models, device: torc
             )
         models.unet.enable_npu_flash_attention()
         models.controlnet.enable_npu_flash_attention()
-    if getattr(args, "channels_last", False):
-        # Only the frozen models: safetensors refuses non-contiguous tensors, so the ControlNet,
-        # which is checkpointed and saved, keeps the default layout.
-        models.unet.to(memory_format=torch.channels_last)
-        models.vae.to(memory_format=torch.channels_last)
     if args.torch_compile:
         # In place (nn.Module.compile), so parameter names, hooks and saving are unchanged; the
         # validation pipeline and the fidelity probe use the same compiled modules.

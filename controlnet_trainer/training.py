@@ -484,14 +484,18 @@ def train_loop(
             progress = advance(progress, epoch, index + 1, batches_per_epoch)
             pending.append(torch.stack(losses).mean())
             losses = []
-            train_seconds += time.perf_counter() - step_started
             bar.update(1)
             last_step = progress.global_step >= plan.max_train_steps
             checkpoint_due = progress.global_step % args.checkpointing_steps == 0
             stopping = not last_step and (stop.agreed(accelerator) or progress.global_step == args.stop_at_step)
-            if progress.global_step % args.logging_steps == 0 or last_step or checkpoint_due or stopping:
-                # The only host sync of a step: never save or finish on a loss not yet checked.
-                log_losses(accelerator, pending, progress, lr_scheduler, bar, metrics, train_seconds)
+            logging_due = progress.global_step % args.logging_steps == 0 or last_step or checkpoint_due or stopping
+            # The only host sync of a step: never save or finish on a loss not yet checked. It comes
+            # before the clock is read, so step times include the GPU work queued since the last one.
+            step_loss = mean_loss(accelerator, pending) if logging_due else None
+            train_seconds += time.perf_counter() - step_started
+            if step_loss is not None:
+                seconds_per_step = train_seconds / len(pending)
+                log_losses(accelerator, step_loss, seconds_per_step, progress, lr_scheduler, bar, metrics)
                 pending, train_seconds = [], 0.0
             if checkpoint_due or stopping:
                 path = checkpointing.save_checkpoint(accelerator, output_dir, progress, args.checkpoints_total_limit)
@@ -520,12 +524,16 @@ def train_loop(
     return progress, False
 
 
-def log_losses(accelerator, pending, progress, lr_scheduler, bar, metrics, seconds: float) -> None:
-    """Log the mean loss of the steps since the last log (over processes); stop on NaN or inf."""
-    step_loss = accelerator.reduce(torch.stack(pending).mean(), reduction="mean").item()
+def mean_loss(accelerator: Accelerator, pending: list[torch.Tensor]) -> float:
+    """The mean loss of the steps since the last log, over processes (waits for the GPU)."""
+    return accelerator.reduce(torch.stack(pending).mean(), reduction="mean").item()
+
+
+def log_losses(accelerator, step_loss: float, seconds_per_step: float, progress, lr_scheduler, bar, metrics) -> None:
+    """Log the loss and step time since the last log, and the device's peak memory; stop on NaN or inf."""
     learning_rate = lr_scheduler.get_last_lr()[0]
     bar.set_postfix(loss=step_loss, lr=learning_rate)
-    values = {"loss": step_loss, "lr": learning_rate, "step_seconds": seconds / len(pending)}
+    values = {"loss": step_loss, "lr": learning_rate, "step_seconds": seconds_per_step}
     metrics.log(values | tracking.device_memory(accelerator.device), step=progress.global_step)
     if not math.isfinite(step_loss):
         raise TrainingError(non_finite_message(step_loss, progress.global_step, metrics.path.parent))
