@@ -159,7 +159,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     if probe is not None and progress.global_step == 0:  # the EMA equals the weights here
         metrics.log(probe.evaluate(models.controlnet, accelerator=accelerator).to_metrics(), step=0)
 
-    with stop_on_signals() as stop:
+    with stop_on_signals(accelerator.num_processes) as stop:
         progress, stopped = train_loop(
             accelerator,
             args,

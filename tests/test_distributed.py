@@ -10,12 +10,14 @@ indices of every micro-batch per rank (``batch["index"]``) and then runs the tra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,25 +64,34 @@ cli.main()
 """
 
 
-def launch_two(script: Path, argv: list[str], **env) -> subprocess.CompletedProcess:
+def start_two(script: Path, argv: list[str], **env) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
         "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", str(script), *argv,
     ]  # fmt: skip
-    # Own process group, so that a hang is ended by killing the launcher and both ranks.
-    process = subprocess.Popen(
+    # Own session for the launcher; torch's elastic agent gives each rank a session of its own.
+    return subprocess.Popen(
         command, env=script_env(ACCELERATE_USE_CPU="true", **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
+
+
+def wait_two(process: subprocess.Popen) -> subprocess.CompletedProcess:
     try:
         stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        for pid in [*child_pids(process.pid), process.pid]:  # the ranks hold the output pipes open
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         _, stderr = process.communicate()
         pytest.fail(f"two-process run hung for {LAUNCH_TIMEOUT}s; stderr tail:\n{stderr[-5000:]}")
-    done = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert done.returncode == 0, f"two-process run failed ({done.returncode}):\n{done.stderr[-5000:]}"
     return done
+
+
+def launch_two(script: Path, argv: list[str], **env) -> subprocess.CompletedProcess:
+    return wait_two(start_two(script, argv, **env))
 
 
 def flags(assets: dict, **extra) -> dict:
@@ -216,6 +227,56 @@ def test_stop_and_resume_in_two_processes_matches_the_uninterrupted_run(assets, 
     a, b = load_file(output_dir / WEIGHTS), load_file(straight_dir / WEIGHTS)
     different = [k for k in b if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+def parent_pid(pid: int) -> int:
+    # /proc/<pid>/stat: "pid (name) state ppid ..."; the name may hold spaces, so split after it.
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``, from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and parent_pid(int(entry.name)) == pid:
+                children.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return children
+
+
+def rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of training rank ``rank``, a child of the launcher, from its environment."""
+    for pid in child_pids(launcher.pid):
+        try:
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(assets, tmp_path):
+    """The ranks agree on stopping over the host (gloo) every step: a signal to rank 1 alone
+    makes both save one complete checkpoint after the same step and exit cleanly."""
+    output_dir = tmp_path / "out"
+    argv = train_argv(assets, output_dir, train_batch_size=2, max_train_steps=400, checkpointing_steps=1000)
+    process = start_two(ROOT / "train_controlnet.py", argv)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while not ((output_dir / "metrics.jsonl").exists() and (output_dir / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, "training ended before a signal could be sent"
+        time.sleep(0.05)
+    pid = rank_pid(process, 1)
+    assert pid is not None, "rank 1 not found"
+    os.kill(pid, signal.SIGTERM)
+    done = wait_two(process)
+    assert done.stderr.count("Received SIGTERM") == 1  # rank 1 alone was signalled
+    saved = sorted(output_dir.glob("checkpoint-*"))
+    assert len(saved) == 1 and "Stopped by" in done.stderr
+    step = json.loads((saved[0] / "training_state.json").read_text())["global_step"]
+    assert 2 <= step < 400 and not (output_dir / WEIGHTS).exists()
+    assert {p.name for p in saved[0].iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl"}
 
 
 def test_streaming_ranks_share_the_stream_and_match_one_process(assets, tmp_path):
