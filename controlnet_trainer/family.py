@@ -86,7 +86,9 @@ def sdxl_time_ids(
     """
     crop = crop_top_left
     if crop_override is not None:
-        crop = torch.tensor(crop_override, dtype=crop_top_left.dtype, device=crop_top_left.device).expand_as(crop_top_left)
+        crop = torch.tensor(crop_override, dtype=crop_top_left.dtype, device=crop_top_left.device).expand_as(
+            crop_top_left
+        )
     target = target_size
     if isinstance(target_size, int):
         target = torch.tensor(
