@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import torch
 from accelerate import Accelerator
 
+from . import ranks
+
 logger = logging.getLogger(__name__)
 
 
@@ -18,7 +20,7 @@ class StopRequest:
 
     def __init__(self, host_group=None) -> None:
         self.signal_name: str | None = None
-        self.host_group = host_group  # a gloo group of all ranks, or None in one process
+        self.host_group = host_group  # ranks.host_group(): None in one process
 
     def _handle(self, signum, _frame) -> None:
         if self.signal_name is None:
@@ -28,31 +30,19 @@ class StopRequest:
     def agreed(self, accelerator: Accelerator) -> bool:
         """True on every rank once any rank was signalled, so all of them save together."""
         signalled = self.signal_name is not None
-        if accelerator.num_processes == 1:
-            return signalled
-        if self.host_group is None:  # no torch.distributed (XLA): the device collective
+        if self.host_group is None and accelerator.num_processes > 1:  # no torch.distributed (XLA)
             flag = torch.tensor([signalled], device=accelerator.device, dtype=torch.int32)
             return bool(accelerator.reduce(flag, reduction="sum").item())
-        # Asked every step, so it goes over the host: reading a flag back from the GPU would make
-        # every step wait for the GPU to finish the one before.
-        flag = torch.tensor([signalled], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, group=self.host_group)
-        return bool(flag.item())
+        return ranks.any_rank(signalled, self.host_group)
 
 
 @contextlib.contextmanager
-def stop_on_signals(num_processes: int = 1) -> Iterator[StopRequest]:
-    """Install SIGTERM/SIGINT handlers for the duration of training; restore them after.
-
-    Every rank must enter it together when ``num_processes`` > 1: it creates a process group.
-    """
-    distributed = num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-    request = StopRequest(torch.distributed.new_group(backend="gloo") if distributed else None)
+def stop_on_signals(host_group=None) -> Iterator[StopRequest]:
+    """Install SIGTERM/SIGINT handlers for the duration of training; restore them after."""
+    request = StopRequest(host_group)
     previous = {sig: signal.signal(sig, request._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield request
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if request.host_group is not None:
-            torch.distributed.destroy_process_group(request.host_group)

@@ -37,6 +37,7 @@ from . import (
     hub,
     integrity,
     plots,
+    ranks,
     streaming,
     tracking,
     validation,
@@ -122,8 +123,9 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     )
     ema = make_ema(args, models.controlnet, accelerator.device)
     checkpointing.register_model_hooks(accelerator, ema)
+    host_group = ranks.host_group(accelerator.num_processes)  # the ranks' per-step agreements
     if args.streaming:
-        batches = stream_batches(accelerator, args, rows, transform, seed)
+        batches = stream_batches(accelerator, args, rows, transform, seed, host_group)
         models.controlnet, optimizer, lr_scheduler = accelerator.prepare(models.controlnet, optimizer, lr_scheduler)
     else:
         dataset = data.ControlNetDataset(
@@ -159,7 +161,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     if probe is not None and progress.global_step == 0:  # the EMA equals the weights here
         metrics.log(probe.evaluate(models.controlnet, accelerator=accelerator).to_metrics(), step=0)
 
-    with stop_on_signals(accelerator.num_processes) as stop:
+    with stop_on_signals(host_group) as stop:
         progress, stopped = train_loop(
             accelerator,
             args,
@@ -287,8 +289,11 @@ class LoaderBatches:
         return (self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader), len(self.loader)
 
 
-def stream_batches(accelerator: Accelerator, args: argparse.Namespace, stream, transform, seed: int):
-    return streaming.StreamBatches(
+def stream_batches(accelerator: Accelerator, args: argparse.Namespace, stream, transform, seed: int, host_group):
+    # A run that holds out the stream's first rows or stops at --max_train_samples needs the rows
+    # in stream order: split by shards, every rank would skip or take its own first rows instead.
+    in_order = bool(args.max_train_samples) or (bool(args.fidelity_samples) and not args.fidelity_dataset)
+    batches = streaming.StreamBatches(
         stream=stream,
         columns=data.columns_from_args(args),
         transform=transform,
@@ -299,7 +304,12 @@ def stream_batches(accelerator: Accelerator, args: argparse.Namespace, stream, t
         seed=seed,
         shuffle_buffer_size=args.shuffle_buffer_size,
         skip_bad_images=args.skip_bad_images,
+        host_group=host_group,
+        whole_shards_allowed=host_group is not None and not in_order,
     )
+    if accelerator.num_processes > 1:
+        logger.info(batches.sharing())
+    return batches
 
 
 def checked_rows(accelerator: Accelerator, args: argparse.Namespace, rows):

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import ROOT, script_env, train_argv
+from conftest import RESOLUTION, ROOT, script_env, train_argv
 from safetensors.torch import load_file
 
-from controlnet_trainer import training
+from controlnet_trainer import fixtures, training
 from controlnet_trainer.cli import run
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -309,3 +309,40 @@ def test_streaming_ranks_share_the_stream_and_match_one_process(assets, tmp_path
     moved = math.sqrt(sum(((one[k].double() - start[k].double()) ** 2).sum().item() for k in one))
     apart = math.sqrt(sum(((two[k].double() - one[k].double()) ** 2).sum().item() for k in one))
     assert moved > 1e-2 and apart / moved < 1e-3, (moved, apart)
+
+
+def epoch_lengths(positions: list[list[int]]) -> list[int]:
+    """Micro-batches per epoch of one rank: stream positions start again with every epoch."""
+    lengths = [1]
+    for previous, batch in zip(positions, positions[1:]):
+        if min(batch) < min(previous):
+            lengths.append(0)
+        lengths[-1] += 1
+    return lengths
+
+
+def test_streaming_ranks_read_their_own_shards_end_epochs_together_and_resume(assets, tmp_path):
+    """Four tar shards of 7, 7, 7 and 3 rows, two each: one rank has 14 rows and the other 10, so
+    epoch 0 ends for both after 5 steps of 2 samples. Stopped in epoch 1 and resumed, the run
+    ends bit-identical to the straight one."""
+    shards = fixtures.write_fill_webdataset(tmp_path / "shards", num_rows=24, size=RESOLUTION, rows_per_shard=7)
+    probe_script, probe_dir = tmp_path / "probe.py", tmp_path / "probe"
+    probe_script.write_text(PROBE)
+    probe_dir.mkdir()
+    common = {"dataset_name": shards, "streaming": True, "max_train_steps": 8, "shuffle_buffer_size": 8}
+
+    def argv(output_dir: Path, **extra) -> list[str]:
+        return train_argv(assets, output_dir, train_batch_size=2, **flags(assets, **common, **extra))
+
+    straight = launch_two(probe_script, argv(tmp_path / "straight"), PROBE_DIR=str(probe_dir))
+    assert "Each of the 2 ranks reads its own 2 of the stream's 4 shards" in straight.stderr
+    lengths = [epoch_lengths(read_probe(probe_dir, rank)) for rank in (0, 1)]
+    assert lengths[0] == lengths[1] == [5, 3], lengths
+
+    resumed = tmp_path / "resumed"
+    launch_two(ROOT / "train_controlnet.py", argv(resumed, stop_at_step=6))
+    state = json.loads((resumed / "checkpoint-6" / "training_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 1)
+    launch_two(ROOT / "train_controlnet.py", argv(resumed, resume_from_checkpoint="latest"))
+    a, b = load_file(resumed / WEIGHTS), load_file(tmp_path / "straight" / WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in b)

@@ -3,6 +3,7 @@ ranks and workers without overlap, and a stopped run resumes exactly where it wa
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -39,9 +40,8 @@ def stream_of(source: Path) -> datasets.IterableDataset:
     )
 
 
-def batches_of(stream, *, rank=0, num_processes=1, num_workers=0, epoch=0, skip=0, batch_size=4) -> list[list]:
-    """(stream position, caption) of each sample of each batch a rank's loader yields."""
-    source = streaming.StreamBatches(
+def source_of(stream, *, rank=0, num_processes=1, num_workers=0, batch_size=4, whole_shards_allowed=False):
+    return streaming.StreamBatches(
         stream=data.undecoded(stream, [COLUMNS.image, COLUMNS.conditioning_image]),
         columns=COLUMNS,
         transform=data.PairedTransform(RESOLUTION),
@@ -52,9 +52,23 @@ def batches_of(stream, *, rank=0, num_processes=1, num_workers=0, epoch=0, skip=
         seed=0,
         shuffle_buffer_size=8,
         skip_bad_images=False,
+        whole_shards_allowed=whole_shards_allowed,
     )
-    loader, _ = source.epoch(epoch, skip)
-    return [list(zip(batch["index"], batch["captions"], strict=True)) for batch in loader]
+
+
+def loaded_batches(stream, *, epoch=0, skip=0, **source) -> list[dict]:
+    batches, _ = source_of(stream, **source).epoch(epoch, skip)
+    return list(batches)
+
+
+def batches_of(stream, *, epoch=0, skip=0, **source) -> list[list]:
+    """(stream position, caption) of each sample of each batch a rank's loader yields."""
+    batches = loaded_batches(stream, epoch=epoch, skip=skip, **source)
+    return [list(zip(batch["index"], batch["captions"], strict=True)) for batch in batches]
+
+
+def fingerprint(conditioning: torch.Tensor) -> str:
+    return hashlib.sha256(conditioning.numpy().tobytes()).hexdigest()
 
 
 def test_webdataset_shards_load_with_the_default_column_names(shards, assets):
@@ -88,6 +102,56 @@ def test_ranks_take_disjoint_blocks_and_the_same_number_of_batches(shards):
     assert len(ranks[0]) == len(ranks[1]) == ROWS // 10  # the incomplete last round is left out
     seen = [position for rank in ranks for batch in rank for position, _ in batch]
     assert sorted(seen) == list(range(20))
+
+
+@pytest.fixture(scope="module")
+def four_shards(tmp_path_factory) -> Path:
+    """24 fill rows as four tar shards of 7, 7, 7 and 3 rows."""
+    return fixtures.write_fill_webdataset(
+        tmp_path_factory.mktemp("four-shards"), num_rows=ROWS, size=RESOLUTION, rows_per_shard=7
+    )
+
+
+def test_ranks_read_whole_shards_of_their_own_when_the_shard_count_allows(four_shards):
+    stream = stream_of(four_shards)
+    undecoded = data.undecoded(stream, [COLUMNS.image, COLUMNS.conditioning_image])
+    transform = data.PairedTransform(RESOLUTION)
+    shard_of = {
+        fingerprint(data.make_sample(row, index, COLUMNS, transform)["conditioning_pixel_values"]): index // 7
+        for index, row in enumerate(undecoded)
+    }
+    assert len(shard_of) == ROWS
+
+    def read(rank: int, epoch: int = 0, skip: int = 0, whole_shards_allowed: bool = True) -> list[dict]:
+        return loaded_batches(
+            stream,
+            rank=rank,
+            num_processes=2,
+            batch_size=2,
+            epoch=epoch,
+            skip=skip,
+            whole_shards_allowed=whole_shards_allowed,
+        )
+
+    assignments = []
+    for epoch in range(3):
+        ranks = [read(rank, epoch) for rank in (0, 1)]
+        rows = [[fingerprint(c) for batch in rank for c in batch["conditioning_pixel_values"]] for rank in ranks]
+        shards = [{shard_of[row] for row in rank_rows} for rank_rows in rows]
+        assert len(shards[0]) == len(shards[1]) == 2 and not shards[0] & shards[1]
+        for rank_rows, rank_shards in zip(rows, shards, strict=True):
+            in_shards = sum(7 if shard < 3 else 3 for shard in rank_shards)
+            assert len(set(rank_rows)) == len(rank_rows) == in_shards - in_shards % 2  # whole batches of them
+        positions = [{i for batch in rank for i in batch["index"]} for rank in ranks]
+        assert not positions[0] & positions[1]  # each sample's random draws are its own
+        assignments.append(shards[0])
+    assert len({frozenset(a) for a in assignments}) > 1  # the shards are dealt out anew each epoch
+    # Resuming skips the batches already trained on: the rest is the same.
+    whole = [batch["index"] for batch in read(1)]
+    assert [batch["index"] for batch in read(1, skip=2)] == whole[2:]
+    # Without whole shards a rank keeps its block of every round, from every shard.
+    mixed = read(0, whole_shards_allowed=False)
+    assert len({shard_of[fingerprint(c)] for batch in mixed for c in batch["conditioning_pixel_values"]}) > 2
 
 
 def test_streaming_run_resumes_exactly(assets, shards, tmp_path):
