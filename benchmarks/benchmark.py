@@ -37,10 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def run_training(flags: list[str], env: dict, *, sdxl: bool = False) -> dict:
-    """One training process; returns its wall time, peak RSS (MiB) and metrics records."""
+def run_training(flags: list[str], env: dict, *, sdxl: bool = False, profile_out: Path | None = None) -> dict:
+    """One training process; returns its wall time, peak RSS (MiB) and metrics records.
+    With ``profile_out``, the process runs under ``profile_step.py``, which writes its summary there."""
     script = "train_controlnet_sdxl.py" if sdxl else "train_controlnet.py"
     command = [sys.executable, str(ROOT / script), *flags]
+    if profile_out is not None:
+        profiler = [str(ROOT / "benchmarks" / "profile_step.py"), *(["--sdxl"] if sdxl else []), f"--out={profile_out}"]
+        command = [sys.executable, *profiler, "--", *flags]
     output_dir = Path(next(f.split("=", 1)[1] for f in flags if f.startswith("--output_dir=")))
     log = output_dir.with_name(output_dir.name + ".log")
     started = time.perf_counter()

@@ -126,8 +126,8 @@ def case_flags(case: Case, model_dir: Path, data_dir: Path, work: Path, resoluti
     ]
 
 
-def run_case(case: Case, flops: dict, flags: list[str], env: dict) -> dict:
-    run = run_training(flags, env, sdxl="sdxl" in case.family)
+def run_case(case: Case, flops: dict, flags: list[str], env: dict, profile_out: Path | None = None) -> dict:
+    run = run_training(flags, env, sdxl="sdxl" in case.family, profile_out=profile_out)
     records = run["records"]
     windows = [r for r in records if "step_seconds" in r]
     step = statistics.median(r["step_seconds"] for r in windows[1:])
@@ -146,6 +146,7 @@ def run_case(case: Case, flops: dict, flags: list[str], env: dict) -> dict:
         # Start-up, loading, cache build and the final save: where a short run's time goes.
         "process_seconds_outside_steps": run["wall_seconds"] - steps_run(windows),
         "log": str(run["log"]),
+        **({"profile": json.loads(profile_out.read_text())} if profile_out else {}),
     }
 
 
@@ -190,6 +191,9 @@ def print_row(row: dict) -> None:
         f"{row['mfu'] * 100:>7.1f}%{'-' if memory is None else f'{memory:.1f}':>9}",
         flush=True,
     )
+    if "profile" in row:  # where the step's time went, per kind of work
+        kinds = row["profile"]["kinds_ms_per_step"]
+        print("    " + ", ".join(f"{kind} {ms:.1f} ms" for kind, ms in kinds.items()), flush=True)
 
 
 def machine() -> str:
@@ -203,6 +207,12 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
     parser.add_argument("--steps", type=int, default=25, help=f"optimizer steps per case (windows of {LOG_EVERY})")
     parser.add_argument("--logs", default=None, help="copy each case's training log into this folder")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run each case under profile_step.py and add where its step time goes (its s/step then "
+        "includes the profiler's overhead)",
+    )
     parser.add_argument("--only", nargs="+", default=[""], help="run only the cases whose name contains one of these")
     parser.add_argument("--tiny", action="store_true", help="tiny fixtures at 64 px: checks the script anywhere")
     args = parser.parse_args()
@@ -221,7 +231,8 @@ def main() -> None:
             for case in [c for c in cases(family, args.tiny) if any(part in c.name for part in args.only)]:
                 flags = case_flags(case, model_dir, data_dir, work, resolution, args.steps)
                 try:
-                    row = run_case(case, flops, flags, env)
+                    profile_out = work / f"{case.name.replace(' ', '_')}.profile.json" if args.profile else None
+                    row = run_case(case, flops, flags, env, profile_out)
                 except Exception as error:  # noqa: BLE001 - one case failing (out of memory, say) must not lose the rest
                     row = {"case": case.name, "error": "".join(traceback.format_exception(error))[-3000:]}
                 keep_log(row, args.logs)

@@ -1,0 +1,103 @@
+"""Where a training step's time goes: the real trainer, unchanged, under torch.profiler.
+
+    python benchmarks/profile_step.py [--sdxl] [--out profile.json] -- <train_controlnet.py flags>
+
+A hook after every optimizer step advances the profiler's schedule: it skips the first
+``--wait`` steps (loading, warm-up, compilation), then records ``--active`` steps. It prints the
+operators that took the most time (device time on a GPU, CPU time otherwise; each operator's own
+time, so nothing is counted twice) and that time split into kinds of work: matrix products,
+convolutions, attention, normalisation, copies and casts, the optimizer, data loading, Python
+between operators (on the CPU clock), and the rest, which is mostly elementwise work. ``--max_train_steps`` must cover ``--wait`` + 1 + ``--active`` steps.
+``gpu_benchmark.py --profile`` runs its cases through this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.profiler import ProfilerActivity, profile, schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controlnet_trainer import cli
+
+# The first matching kind names an operator; the order matters ("convolution" before "copy").
+KINDS = (
+    ("host: Python between operators", ("profilerstep",)),  # a step's own CPU time (CPU clock only)
+    ("data loading", ("dataloader",)),
+    ("attention", ("attention", "scaled_dot_product")),
+    ("convolution", ("conv",)),
+    ("matrix products", ("::mm", "addmm", "bmm", "matmul", "linear")),
+    ("normalisation", ("group_norm", "layer_norm", "batch_norm")),
+    ("optimizer", ("adam", "_foreach_", "optimizer")),
+    ("copies and casts", ("copy_", "_to_copy", "clone", "contiguous", "::cat")),
+)
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KINDS if any(mark in lowered for mark in marks)), "other")
+
+
+def summarize(events, on_device: bool, steps: int, top: int) -> dict:
+    """Per-step milliseconds of the operators with the most own time, and of each kind of work."""
+    own = [
+        (event.key, (event.self_device_time_total if on_device else event.self_cpu_time_total) / 1e3 / steps)
+        for event in events
+    ]
+    own = sorted((item for item in own if item[1] > 0), key=lambda item: -item[1])
+    total = sum(ms for _, ms in own)
+    kinds: dict[str, float] = {}
+    for name, ms in own:
+        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+    return {
+        "clock": "device" if on_device else "cpu",
+        "ms_per_step": total,
+        "kinds_ms_per_step": dict(sorted(kinds.items(), key=lambda item: -item[1])),
+        "top_operators_ms_per_step": dict(own[:top]),
+    }
+
+
+def print_summary(summary: dict) -> None:
+    total = summary["ms_per_step"]
+    print(f"{summary['clock']} time per step: {total:.1f} ms", flush=True)
+    for title, table in (("kind", summary["kinds_ms_per_step"]), ("operator", summary["top_operators_ms_per_step"])):
+        print(f"{title:<60}{'ms/step':>10}{'share':>8}")
+        for name, ms in table.items():
+            print(f"{name[:59]:<60}{ms:>10.2f}{ms / total:>8.1%}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sdxl", action="store_true", help="train_controlnet_sdxl.py's flags")
+    parser.add_argument("--wait", type=int, default=5, help="optimizer steps before recording")
+    parser.add_argument("--active", type=int, default=3, help="optimizer steps recorded")
+    parser.add_argument("--top", type=int, default=25, help="operators listed")
+    parser.add_argument("--out", default=None, help="write the summary here as JSON")
+    parser.add_argument("flags", nargs=argparse.REMAINDER, help="-- then the training flags")
+    args = parser.parse_args()
+    flags = args.flags[1:] if args.flags[:1] == ["--"] else args.flags
+
+    on_device = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    plan = schedule(wait=args.wait, warmup=1, active=args.active, repeat=1)
+    with profile(activities=activities, schedule=plan) as profiler:
+        hook = register_optimizer_step_post_hook(lambda *_: profiler.step())
+        try:
+            cli.run(flags, sdxl=args.sdxl)
+        finally:
+            hook.remove()
+    summary = summarize(profiler.key_averages(), on_device, args.active, args.top)
+    print_summary(summary)
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""benchmarks/profile_step.py: the real trainer under torch.profiler, its time split by kind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, script_env, train_argv
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from profile_step import kind_of
+
+
+@pytest.mark.parametrize(
+    ("operator", "kind"),
+    [
+        ("aten::convolution_backward", "convolution"),
+        ("aten::cudnn_convolution", "convolution"),
+        ("aten::_scaled_dot_product_flash_attention_backward", "attention"),
+        ("aten::mm", "matrix products"),
+        ("aten::addmm", "matrix products"),
+        ("aten::native_group_norm", "normalisation"),
+        ("aten::_fused_adamw_", "optimizer"),
+        ("aten::copy_", "copies and casts"),
+        ("aten::silu", "other"),
+        ("ProfilerStep*", "host: Python between operators"),
+    ],
+)
+def test_operators_are_sorted_into_kinds_of_work(operator, kind):
+    assert kind_of(operator) == kind
+
+
+def test_profiles_the_recorded_steps_of_a_real_run(assets, tmp_path):
+    out = tmp_path / "profile.json"
+    flags = train_argv(assets, tmp_path / "run", max_train_steps=6)
+    command = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--wait=2", "--active=2", f"--out={out}"]
+    done = subprocess.run([*command, "--", *flags], env=script_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    kinds = summary["kinds_ms_per_step"]
+    assert summary["clock"] == "cpu" and summary["ms_per_step"] > 0
+    assert kinds["convolution"] > 0 and kinds["matrix products"] > 0 and kinds["attention"] > 0
+    assert sum(kinds.values()) == pytest.approx(summary["ms_per_step"])
+    assert (tmp_path / "run" / "diffusion_pytorch_model.safetensors").exists()  # the run itself completed
