@@ -11,6 +11,7 @@ indices of every micro-batch per rank (``batch["index"]``) and then runs the tra
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -314,7 +315,7 @@ def test_streaming_ranks_share_the_stream_and_match_one_process(assets, tmp_path
 def epoch_lengths(positions: list[list[int]]) -> list[int]:
     """Micro-batches per epoch of one rank: stream positions start again with every epoch."""
     lengths = [1]
-    for previous, batch in zip(positions, positions[1:]):
+    for previous, batch in itertools.pairwise(positions):
         if min(batch) < min(previous):
             lengths.append(0)
         lengths[-1] += 1
