@@ -69,6 +69,11 @@ class Case:
         options = "+".join(SHORT_NAMES[o] for o in self.options) or "default"
         return f"{self.family} b{self.batch} {'cached' if self.cached else 'uncached'} {options}"
 
+    @property
+    def slug(self) -> str:
+        """The name as a file name: the case's output folder, log and profile."""
+        return self.name.replace(" ", "_").replace("+", "_")
+
 
 def cases(family: str, tiny: bool) -> list[Case]:
     """Throughput at a full batch, then memory at batch 1 with the memory options."""
@@ -81,8 +86,8 @@ def cases(family: str, tiny: bool) -> list[Case]:
     big = 2 if tiny else 16
     return [
         Case(name, big, True),
-        # At batch 16 the step took about as long as batch 1's, which is bound by issuing
-        # kernels from Python: a larger batch and compilation are the two ways past that.
+        # A larger batch shows whether the step is bound by the GPU (time grows with the batch)
+        # or by issuing kernels from Python; compilation fuses the work between matrix products.
         Case(name, 3 * big, True),
         # (inductor takes minutes to compile on a CPU: --tiny leaves this one out)
         *([] if tiny else [Case(name, big, True, ("--torch_compile",))]),
@@ -108,7 +113,7 @@ def case_flags(case: Case, model_dir: Path, data_dir: Path, work: Path, resoluti
     return [
         f"--pretrained_model_name_or_path={model_dir}",
         f"--dataset_name={data_dir}",
-        f"--output_dir={work / case.name.replace(' ', '_').replace('+', '_')}",
+        f"--output_dir={work / case.slug}",
         f"--resolution={resolution}",
         f"--train_batch_size={case.batch}",
         "--learning_rate=1e-5",
@@ -230,8 +235,8 @@ def main() -> None:
             results[f"tflop_per_sample_{family}"] = {k: v / 1e12 for k, v in flops.items()}
             for case in [c for c in cases(family, args.tiny) if any(part in c.name for part in args.only)]:
                 flags = case_flags(case, model_dir, data_dir, work, resolution, args.steps)
+                profile_out = work / f"{case.slug}.profile.json" if args.profile else None
                 try:
-                    profile_out = work / f"{case.name.replace(' ', '_')}.profile.json" if args.profile else None
                     row = run_case(case, flops, flags, env, profile_out)
                 except Exception as error:  # noqa: BLE001 - one case failing (out of memory, say) must not lose the rest
                     row = {"case": case.name, "error": "".join(traceback.format_exception(error))[-3000:]}
