@@ -197,8 +197,14 @@ def print_row(row: dict) -> None:
         flush=True,
     )
     if "profile" in row:  # where the step's time went, per kind of work
-        kinds = row["profile"]["kinds_ms_per_step"]
-        print("    " + ", ".join(f"{kind} {ms:.1f} ms" for kind, ms in kinds.items()), flush=True)
+        profile = row["profile"]
+        print(
+            "    " + ", ".join(f"{kind} {ms:.1f} ms" for kind, ms in profile["kinds_ms_per_step"].items()), flush=True
+        )
+        if "kernel_ms_per_step" in profile:  # busy time against the step's wall time: the rest is idle
+            print(f"    GPU busy {profile['kernel_ms_per_step']:.1f} ms per step; top kernels:", flush=True)
+            for kernel, ms in list(profile["top_kernels_ms_per_step"].items())[:12]:
+                print(f"      {ms:7.2f} ms  {kernel[:110]}", flush=True)
 
 
 def machine() -> str:

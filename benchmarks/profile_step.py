@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -46,28 +47,53 @@ def kind_of(name: str) -> str:
 
 
 def summarize(events, on_device: bool, steps: int, top: int) -> dict:
-    """Per-step milliseconds of the operators with the most own time, and of each kind of work."""
-    own = [
-        (event.key, (event.self_device_time_total if on_device else event.self_cpu_time_total) / 1e3 / steps)
-        for event in events
-    ]
-    own = sorted((item for item in own if item[1] > 0), key=lambda item: -item[1])
-    total = sum(ms for _, ms in own)
+    """Per-step milliseconds of the operators with the most own time, and of each kind of work.
+
+    On a GPU, kineto lists each kernel twice: as its own row, and inside the device time of the
+    operator that launched it. Operators (CPU rows) give the split by kind, each kernel counted
+    once under the innermost operator; kernel rows give the GPU's busy time and the top kernels.
+    Annotation rows on the device (a profiler step, an optimizer step) span whole ranges and are
+    left out of both.
+    """
+    per_step = 1e3 * steps
+    if on_device:
+        operators = [(e.key, e.self_device_time_total / per_step) for e in events if e.device_type == DeviceType.CPU]
+        kernels = [
+            (e.key, e.self_device_time_total / per_step)
+            for e in events
+            if e.device_type != DeviceType.CPU and not e.is_user_annotation
+        ]
+    else:
+        operators, kernels = [(e.key, e.self_cpu_time_total / per_step) for e in events], []
+    operators = by_time(operators)
+    total = sum(ms for _, ms in operators)
     kinds: dict[str, float] = {}
-    for name, ms in own:
+    for name, ms in operators:
         kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
-    return {
+    summary = {
         "clock": "device" if on_device else "cpu",
         "ms_per_step": total,
         "kinds_ms_per_step": dict(sorted(kinds.items(), key=lambda item: -item[1])),
-        "top_operators_ms_per_step": dict(own[:top]),
+        "top_operators_ms_per_step": dict(operators[:top]),
     }
+    if on_device:
+        kernels = by_time(kernels)
+        summary["kernel_ms_per_step"] = sum(ms for _, ms in kernels)
+        summary["top_kernels_ms_per_step"] = dict(kernels[:top])
+    return summary
+
+
+def by_time(items: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    return sorted((item for item in items if item[1] > 0), key=lambda item: -item[1])
 
 
 def print_summary(summary: dict) -> None:
     total = summary["ms_per_step"]
     print(f"{summary['clock']} time per step: {total:.1f} ms", flush=True)
-    for title, table in (("kind", summary["kinds_ms_per_step"]), ("operator", summary["top_operators_ms_per_step"])):
+    tables = [("kind", summary["kinds_ms_per_step"]), ("operator", summary["top_operators_ms_per_step"])]
+    if "top_kernels_ms_per_step" in summary:
+        tables.append(("kernel", summary["top_kernels_ms_per_step"]))
+    for title, table in tables:
         print(f"{title:<60}{'ms/step':>10}{'share':>8}")
         for name, ms in table.items():
             print(f"{name[:59]:<60}{ms:>10.2f}{ms / total:>8.1%}")

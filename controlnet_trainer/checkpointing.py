@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from diffusers import ControlNetModel
 from diffusers.training_utils import EMAModel
 
+from . import sharding
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -52,11 +53,12 @@ def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None = None) 
     """Save the ControlNet (and its EMA) as diffusers models in checkpoints, load them back."""
 
     def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in models:
-                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "controlnet")
-            if ema is not None:
-                ema.save_pretrained(Path(output_dir) / "controlnet_ema")
+        for model in models:  # every rank: gathering FSDP's shards is a collective
+            full = sharding.full_controlnet(accelerator, model, every_rank=False)
+            if accelerator.is_main_process:
+                full.save_pretrained(Path(output_dir) / "controlnet")
+        if ema is not None and accelerator.is_main_process:
+            ema.save_pretrained(Path(output_dir) / "controlnet_ema")
         # Accelerate would also pickle the weights; the diffusers copy above is enough.
         while weights:
             weights.pop()

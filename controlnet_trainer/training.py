@@ -38,6 +38,7 @@ from . import (
     integrity,
     plots,
     ranks,
+    sharding,
     streaming,
     tracking,
     validation,
@@ -74,7 +75,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     validation.check_validation_images(args.validation_image)
     accelerator = make_accelerator(args, output_dir)
     deepspeed = accelerator.state.deepspeed_plugin
-    check_engine(accelerator.distributed_type, deepspeed.zero_stage if deepspeed else None)
+    check_engine(accelerator.distributed_type, deepspeed.zero_stage if deepspeed else None, args.use_ema)
     seed = agree_on_seed(accelerator, args.seed, resume_path)
     set_seed(seed)  # also seeds Accelerate's sampler, so data order is a function of the epoch
     if args.allow_tf32:
@@ -111,7 +112,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     row_buckets = None if sampler is None else sampler.buckets_of_samples
     embeddings = cache.prepare_cache(accelerator, args, family, models, rows, transform, row_buckets)
     offloaded = offload_cached_encoders(args, models)
-    optimizer = make_optimizer(args, models.controlnet.parameters(), plan.learning_rate)
+    optimizer = make_optimizer(args, models.controlnet.parameters(), plan.learning_rate, accelerator.device)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -159,7 +160,8 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     accelerator.init_trackers(args.tracker_project_name, config=tracking.tracker_config(args, plan))
     log_plan(accelerator, plan, progress)
     if probe is not None and progress.global_step == 0:  # the EMA equals the weights here
-        metrics.log(probe.evaluate(models.controlnet, accelerator=accelerator).to_metrics(), step=0)
+        full = sharding.full_controlnet(accelerator, models.controlnet, every_rank=True)
+        metrics.log(probe.evaluate(full, accelerator=accelerator).to_metrics(), step=0)
 
     with stop_on_signals(host_group) as stop:
         progress, stopped = train_loop(
@@ -200,20 +202,26 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
     return accelerator
 
 
-def check_engine(engine: DistributedType, zero_stage: int | None) -> None:
-    """Refuse engines that shard the ControlNet's parameters.
+def check_engine(engine: DistributedType, zero_stage: int | None, use_ema: bool) -> None:
+    """Refuse what the sharding engines cannot do here.
 
-    Checkpoints, the final save, EMA and validation read the ControlNet's full weights on the
-    main process; under FSDP or DeepSpeed ZeRO-3 each rank holds only a shard, so they would
-    save a fragment. DDP and ZeRO-1/2 keep full weights on every rank.
+    Under FSDP the saves and evaluations gather the ControlNet's shards (``sharding``), but the
+    EMA copy would be one more full set of weights on every rank, the cost FSDP is there to
+    avoid, and it would track shards rather than weights. DeepSpeed ZeRO-3 shards the weights
+    inside its own engine, which that gathering does not reach.
     """
-    if engine == DistributedType.FSDP or (engine == DistributedType.DEEPSPEED and zero_stage == 3):
-        name = "FSDP" if engine == DistributedType.FSDP else "DeepSpeed ZeRO-3"
+    if engine == DistributedType.FSDP and use_ema:
         raise TrainingError(
-            f"The accelerate config runs {name}, which shards the ControlNet's weights across "
-            "processes; this trainer saves and evaluates full weights and does not support that yet. "
-            "Use DeepSpeed ZeRO-2 (optimizer state and gradients sharded, the usual saving for a "
-            "ControlNet, whose frozen UNet is replicated either way) or plain multi-GPU DDP."
+            "--use_ema is not supported under FSDP: the EMA would keep a full copy of the "
+            "ControlNet on every GPU, the memory FSDP saves. Drop --use_ema, or train with plain "
+            "multi-GPU DDP or DeepSpeed ZeRO-2, where EMA works."
+        )
+    if engine == DistributedType.DEEPSPEED and zero_stage == 3:
+        raise TrainingError(
+            "The accelerate config runs DeepSpeed ZeRO-3, which shards the ControlNet's weights "
+            "inside DeepSpeed, where this trainer cannot gather them to save or evaluate. Use "
+            "DeepSpeed ZeRO-2 (optimizer state and gradients sharded, the usual saving for a "
+            "ControlNet, whose frozen UNet is replicated either way), FSDP, or plain multi-GPU DDP."
         )
 
 
@@ -521,7 +529,8 @@ def train_loop(
             fidelity_every = args.fidelity_steps or args.validation_steps
             with averaged_weights(accelerator, models.controlnet, extras.ema):
                 if extras.probe is not None and (progress.global_step % fidelity_every == 0 or last_step):
-                    result = extras.probe.evaluate(models.controlnet, accelerator=accelerator)
+                    full = sharding.full_controlnet(accelerator, models.controlnet, every_rank=True)
+                    result = extras.probe.evaluate(full, accelerator=accelerator)
                     metrics.log(result.to_metrics(), step=progress.global_step)
                 if progress.global_step % args.validation_steps == 0 or last_step:
                     validate(accelerator, args, family, models, plan, progress.global_step, extras.offloaded)
@@ -551,7 +560,10 @@ def log_losses(accelerator, step_loss: float, seconds_per_step: float, progress,
 
 def validate(accelerator, args, family, models, plan, step: int, offloaded) -> None:
     """Validation images; offloaded encoders visit the accelerator only for its duration."""
-    if not args.validation_prompt or not accelerator.is_main_process:
+    if not args.validation_prompt:
+        return
+    controlnet = sharding.full_controlnet(accelerator, models.controlnet, every_rank=False)
+    if not accelerator.is_main_process:
         return
     for module in offloaded:
         module.to(accelerator.device)
@@ -559,6 +571,7 @@ def validate(accelerator, args, family, models, plan, step: int, offloaded) -> N
         accelerator=accelerator,
         family=family,
         models=models,
+        controlnet=controlnet,
         args=args,
         weight_dtype=plan.weight_dtype,
         step=step,
@@ -615,10 +628,10 @@ def log_plan(accelerator: Accelerator, plan: TrainPlan, progress: TrainingProgre
 def finish(accelerator, args, family, models, plan) -> None:
     """Final weights at the output root, the model card, and the optional upload."""
     accelerator.wait_for_everyone()
+    controlnet = sharding.full_controlnet(accelerator, models.controlnet, every_rank=False)
     if not accelerator.is_main_process:
         return
     output_dir = Path(args.output_dir)
-    controlnet = accelerator.unwrap_model(models.controlnet)
     hub.save_final_model(controlnet, output_dir)
     if args.save_single_file:
         export.save_single_file(controlnet, output_dir / hub.SINGLE_FILE)

@@ -124,15 +124,15 @@ def run_validation(
     accelerator: Accelerator,
     family: ModelFamily,
     models: Models,
+    controlnet: torch.nn.Module,
     args,
     weight_dtype: torch.dtype,
     step: int,
     seed: int,
 ) -> Path:
     """Generate, write ``validation/step-<step>.png`` and log (the caller runs it on the main
-    process, when validation prompts are given)."""
+    process, when validation prompts are given, with the bare ControlNet and all its weights)."""
     logger.info("Running validation at step %d", step)
-    controlnet = accelerator.unwrap_model(models.controlnet)
     was_training = controlnet.training
     controlnet.eval()
     pipeline = build_pipeline(family, models, controlnet, accelerator.device)

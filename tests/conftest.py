@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def script_env(**extra) -> dict:
     """The environment of a training script run as a child process: offline, importing this
     checkout, and free of the caller's accelerate settings (a config file, forced CPU)."""
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # This checkout first, then whatever the caller's path adds (packages installed beside it).
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = os.environ | {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for name in ("ACCELERATE_CONFIG_FILE", "ACCELERATE_USE_CPU"):
         env.pop(name, None)
     return env | extra

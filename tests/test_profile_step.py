@@ -11,7 +11,7 @@ from conftest import ROOT, script_env, train_argv
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from profile_step import kind_of
+from profile_step import kind_of, summarize
 
 
 @pytest.mark.parametrize(
@@ -47,3 +47,33 @@ def test_profiles_the_recorded_steps_of_a_real_run(assets, tmp_path):
     assert kinds["convolution"] > 0 and kinds["matrix products"] > 0 and kinds["attention"] > 0
     assert sum(kinds.values()) == pytest.approx(summary["ms_per_step"])
     assert (tmp_path / "run" / "diffusion_pytorch_model.safetensors").exists()  # the run itself completed
+
+
+def test_device_split_counts_each_kernel_once():
+    """kineto lists a kernel as its own row and inside its operator's device time; an annotation
+    row on the device spans a whole range. Each kernel must be counted once."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def row(key, device_type, us, annotation=False):
+        return SimpleNamespace(
+            key=key,
+            device_type=device_type,
+            self_device_time_total=us,
+            self_cpu_time_total=0,
+            is_user_annotation=annotation,
+        )
+
+    events = [
+        row("aten::cudnn_convolution", DeviceType.CPU, 6000),
+        row("aten::mm", DeviceType.CPU, 2000),
+        row("sm90_xmma_fprop_implicit_gemm", DeviceType.CUDA, 6000),
+        row("cutlass_gemm", DeviceType.CUDA, 2000),
+        row("ProfilerStep#7", DeviceType.CUDA, 20000, annotation=True),
+    ]
+    summary = summarize(events, on_device=True, steps=2, top=10)
+    assert summary["ms_per_step"] == pytest.approx(4.0)
+    assert summary["kinds_ms_per_step"] == pytest.approx({"convolution": 3.0, "matrix products": 1.0})
+    assert summary["kernel_ms_per_step"] == pytest.approx(4.0)
+    assert list(summary["top_kernels_ms_per_step"]) == ["sm90_xmma_fprop_implicit_gemm", "cutlass_gemm"]

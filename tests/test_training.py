@@ -295,19 +295,31 @@ def test_step_time_includes_the_wait_at_the_loss_read_back(assets, tmp_path, mon
 
 
 @pytest.mark.parametrize(
-    ("engine", "zero_stage", "refused"),
+    ("engine", "zero_stage", "use_ema", "refused"),
     [
-        (DistributedType.FSDP, None, "FSDP"),
-        (DistributedType.DEEPSPEED, 3, "ZeRO-3"),
-        (DistributedType.DEEPSPEED, 2, None),
-        (DistributedType.MULTI_GPU, None, None),
+        (DistributedType.FSDP, None, True, "--use_ema is not supported under FSDP"),
+        (DistributedType.FSDP, None, False, None),
+        (DistributedType.DEEPSPEED, 3, False, "ZeRO-3.*Use DeepSpeed ZeRO-2"),
+        (DistributedType.DEEPSPEED, 2, True, None),
+        (DistributedType.MULTI_GPU, None, True, None),
     ],
 )
-def test_engines_that_shard_the_controlnet_are_refused(engine, zero_stage, refused):
+def test_engines_refuse_what_they_cannot_save(engine, zero_stage, use_ema, refused):
     from controlnet_trainer.training import TrainingError, check_engine
 
     if refused is None:
-        check_engine(engine, zero_stage)
+        check_engine(engine, zero_stage, use_ema)
         return
-    with pytest.raises(TrainingError, match=f"{refused}.*Use DeepSpeed ZeRO-2"):
-        check_engine(engine, zero_stage)
+    with pytest.raises(TrainingError, match=refused):
+        check_engine(engine, zero_stage, use_ema)
+
+
+@pytest.mark.parametrize(("device", "fused"), [("cuda", True), ("cpu", None)])
+def test_adamw_is_fused_for_the_training_device_not_where_weights_start(device, fused):
+    from controlnet_trainer.arguments import parse_args
+    from controlnet_trainer.models import make_optimizer
+
+    args = parse_args(["--pretrained_model_name_or_path=m", "--dataset_name=d", "--output_dir=o"])
+    weights = [torch.nn.Parameter(torch.zeros(3))]  # on the CPU, as before Accelerate moves them
+    optimizer = make_optimizer(args, weights, 1e-5, torch.device(device))
+    assert optimizer.defaults["fused"] is fused

@@ -1,0 +1,44 @@
+"""The ControlNet's full weights when an engine shards them across processes (FSDP).
+
+Checkpoints, the final save, validation and the fidelity measure need every weight. Under DDP
+or DeepSpeed ZeRO-1/2 each rank already holds them all; under FSDP each rank holds a shard, and
+running the sharded module on one rank only would wait forever for the others. So these callers
+get a plain ControlNet built from the gathered weights instead: a collective every rank joins.
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from diffusers import ControlNetModel
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+
+def is_sharded(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def full_controlnet(accelerator: Accelerator, controlnet: torch.nn.Module, *, every_rank: bool):
+    """The ControlNet with all its weights on this rank; every rank must call this.
+
+    Unsharded, the bare module itself (no copy). Under FSDP, a plain copy on the accelerator,
+    on every rank, or with ``every_rank=False`` on the main process only (the weights are
+    gathered into host memory there, and the other ranks get None).
+    """
+    if not is_sharded(accelerator):
+        return accelerator.unwrap_model(controlnet)
+    # Gathering to the host keeps the copy off the other ranks' GPUs; only rank 0 receives it.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+    weights = get_model_state_dict(controlnet, options=options)
+    if not (every_rank or accelerator.is_main_process):
+        return None
+    return plain_copy(accelerator.unwrap_model(controlnet).config, weights, accelerator.device)
+
+
+def plain_copy(config, weights: dict[str, torch.Tensor], device: torch.device) -> ControlNetModel:
+    """A ControlNetModel holding ``weights``, built without initialising weights it would replace."""
+    with torch.device("meta"):
+        copy = ControlNetModel.from_config(config)
+    copy.load_state_dict(weights, assign=True)  # strict: a missing or extra key is an error
+    return copy.to(device)
