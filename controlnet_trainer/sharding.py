@@ -23,17 +23,26 @@ def full_controlnet(accelerator: Accelerator, controlnet: torch.nn.Module, *, ev
     """The ControlNet with all its weights on this rank; every rank must call this.
 
     Unsharded, the bare module itself (no copy). Under FSDP, a plain copy on the accelerator,
-    on every rank, or with ``every_rank=False`` on the main process only (the weights are
-    gathered into host memory there, and the other ranks get None).
+    on every rank, or with ``every_rank=False`` on the main process only (the other ranks get
+    None).
     """
     if not is_sharded(accelerator):
         return accelerator.unwrap_model(controlnet)
-    # Gathering to the host keeps the copy off the other ranks' GPUs; only rank 0 receives it.
-    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
-    weights = get_model_state_dict(controlnet, options=options)
-    if not (every_rank or accelerator.is_main_process):
+    weights = gather_weights(controlnet, every_rank=every_rank)
+    if weights is None:
         return None
     return plain_copy(accelerator.unwrap_model(controlnet).config, weights, accelerator.device)
+
+
+def gather_weights(model: torch.nn.Module, *, every_rank: bool) -> dict[str, torch.Tensor] | None:
+    """All the weights of a model sharded by FSDP (1 or 2), as plain tensors; a collective.
+
+    On every rank, or with ``every_rank=False`` in host memory on rank 0 only, which keeps the
+    copy off the other ranks' GPUs; they get None.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+    weights = get_model_state_dict(model, options=options)
+    return weights if every_rank or torch.distributed.get_rank() == 0 else None
 
 
 def plain_copy(config, weights: dict[str, torch.Tensor], device: torch.device) -> ControlNetModel:
