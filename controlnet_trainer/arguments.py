@@ -143,7 +143,8 @@ def _schedule_group(parser: argparse.ArgumentParser, resolution: int) -> None:
         "--use_ema",
         action="store_true",
         help="Keep an exponential moving average of the ControlNet (diffusers' EMAModel); it is "
-        "checkpointed, used for validation and the fidelity measure, and is what gets saved.",
+        "checkpointed, used for validation and the fidelity measure, and is what gets saved. "
+        "Not under FSDP, where it would hold a full copy on every GPU.",
     )
     group.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (with --use_ema).")
     group.add_argument(
