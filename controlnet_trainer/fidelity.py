@@ -44,7 +44,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from torchvision.transforms import v2
 
-from . import data
+from . import data, sharding
 from .arguments import INTERPOLATION_MODES
 from .errors import InputError
 from .family import SD, SDXL, ModelFamily, crop_override_from_args, unet_added_conditioning
@@ -260,8 +260,9 @@ class FidelityProbe:
         are then added over processes, so all get the same result.
         """
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-        # The bare module: DDP's forward would expect every rank to run the same batches.
-        model = accelerator.unwrap_model(controlnet) if accelerator else controlnet
+        # The bare module with all its weights: DDP's forward would expect every rank to run the
+        # same batches, and FSDP's shards are gathered into a plain copy on every rank.
+        model = sharding.full_controlnet(accelerator, controlnet, every_rank=True) if accelerator else controlnet
         items = torch.nonzero(self.item_sample % world == rank).flatten()
         was_training = model.training
         model.eval()

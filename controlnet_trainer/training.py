@@ -160,8 +160,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     accelerator.init_trackers(args.tracker_project_name, config=tracking.tracker_config(args, plan))
     log_plan(accelerator, plan, progress)
     if probe is not None and progress.global_step == 0:  # the EMA equals the weights here
-        full = sharding.full_controlnet(accelerator, models.controlnet, every_rank=True)
-        metrics.log(probe.evaluate(full, accelerator=accelerator).to_metrics(), step=0)
+        metrics.log(probe.evaluate(models.controlnet, accelerator=accelerator).to_metrics(), step=0)
 
     with stop_on_signals(host_group) as stop:
         progress, stopped = train_loop(
@@ -529,8 +528,7 @@ def train_loop(
             fidelity_every = args.fidelity_steps or args.validation_steps
             with averaged_weights(accelerator, models.controlnet, extras.ema):
                 if extras.probe is not None and (progress.global_step % fidelity_every == 0 or last_step):
-                    full = sharding.full_controlnet(accelerator, models.controlnet, every_rank=True)
-                    result = extras.probe.evaluate(full, accelerator=accelerator)
+                    result = extras.probe.evaluate(models.controlnet, accelerator=accelerator)
                     metrics.log(result.to_metrics(), step=progress.global_step)
                 if progress.global_step % args.validation_steps == 0 or last_step:
                     validate(accelerator, args, family, models, plan, progress.global_step, extras.offloaded)

@@ -13,6 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from diffusers import ControlNetModel
 
 from controlnet_trainer import data, fidelity, fixtures
@@ -159,6 +160,7 @@ class ShardOf:
 
     def __init__(self, rank: int, world: int, others: torch.Tensor | None = None):
         self.process_index, self.num_processes = rank, world
+        self.distributed_type = DistributedType.MULTI_CPU  # data-parallel: every rank holds all weights
         self.device = torch.device("cpu")
         self.others = others
         self.sent = None
