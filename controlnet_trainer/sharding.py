@@ -22,16 +22,16 @@ def is_sharded(accelerator: Accelerator) -> bool:
 def full_controlnet(accelerator: Accelerator, controlnet: torch.nn.Module, *, every_rank: bool):
     """The ControlNet with all its weights on this rank; every rank must call this.
 
-    Unsharded, the bare module itself (no copy). Under FSDP, a plain copy on the accelerator,
-    on every rank, or with ``every_rank=False`` on the main process only (the other ranks get
-    None).
+    Unsharded, the bare module itself (no copy). Under FSDP, a plain copy: on the accelerator of
+    every rank, or with ``every_rank=False`` in the main process's host memory (the other ranks
+    get None), which is all a save needs; validation's pipeline moves it to the accelerator.
     """
     if not is_sharded(accelerator):
         return accelerator.unwrap_model(controlnet)
     weights = gather_weights(controlnet, every_rank=every_rank)
     if weights is None:
         return None
-    return plain_copy(accelerator.unwrap_model(controlnet).config, weights, accelerator.device)
+    return plain_copy(accelerator.unwrap_model(controlnet).config, weights)
 
 
 def gather_weights(model: torch.nn.Module, *, every_rank: bool) -> dict[str, torch.Tensor] | None:
@@ -45,9 +45,10 @@ def gather_weights(model: torch.nn.Module, *, every_rank: bool) -> dict[str, tor
     return weights if every_rank or torch.distributed.get_rank() == 0 else None
 
 
-def plain_copy(config, weights: dict[str, torch.Tensor], device: torch.device) -> ControlNetModel:
-    """A ControlNetModel holding ``weights``, built without initialising weights it would replace."""
+def plain_copy(config, weights: dict[str, torch.Tensor]) -> ControlNetModel:
+    """A ControlNetModel holding ``weights`` where they lie, built without initialising weights
+    it would replace."""
     with torch.device("meta"):
         copy = ControlNetModel.from_config(config)
     copy.load_state_dict(weights, assign=True)  # strict: a missing or extra key is an error
-    return copy.to(device)
+    return copy
