@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,6 +61,30 @@ def build_pipeline(family: ModelFamily, models: Models, controlnet, device: torc
     return pipeline.to(device)
 
 
+@contextlib.contextmanager
+def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
+    """Hand the pipeline the ControlNet's residuals in ``dtype``, the frozen UNet's.
+
+    Under mixed precision accelerate wraps the prepared ControlNet's forward to return fp32, and
+    the bare module keeps that wrapper. The pipeline adds those residuals to the UNet's
+    half-precision activations, which turns them fp32; CUDA's autocast then runs GroupNorm in
+    fp32, but CPU's refuses fp32 input with bf16 weights. (Training casts them itself.)
+    """
+    if dtype == torch.float32:
+        yield
+        return
+
+    def cast(module, args, output):
+        down, mid = output  # the pipelines call it with return_dict=False
+        return [residual.to(dtype) for residual in down], mid.to(dtype)
+
+    handle = controlnet.register_forward_hook(cast)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def generate(
     pipeline,
     pairs: Sequence[tuple[str, str]],
@@ -77,7 +102,7 @@ def generate(
     results = []
     for prompt, image_path in pairs:
         conditioning = to_rgb(Image.open(image_path), (0, 0, 0)).resize((resolution, resolution))
-        with autocast, torch.no_grad():
+        with autocast, residuals_in(pipeline.controlnet, weight_dtype), torch.no_grad():
             images = pipeline(
                 [prompt] * num_images,
                 image=conditioning,

@@ -102,6 +102,15 @@ def test_output_tree_and_final_model_generates(assets, tmp_path):
     assert image.size == (64, 64)
 
 
+def test_bf16_on_cpu_trains_validates_and_saves_fp32_weights(assets, tmp_path):
+    # The validation pipeline once crashed here: the prepared ControlNet returned fp32 residuals
+    # into the bf16 UNet, and CPU GroupNorm refuses fp32 input with bf16 weights.
+    validation = {"validation_prompt": "red circle", "validation_image": assets["validation"][0]}
+    run(train_argv(assets, tmp_path, mixed_precision="bf16", max_train_steps=1, validation_steps=1, **validation))
+    assert [g.name for g in (tmp_path / "validation").glob("*.png")] == ["step-000001.png"]
+    assert {tensor.dtype for tensor in final_weights(tmp_path).values()} == {torch.float32}
+
+
 def test_training_changes_weights_and_starts_from_given_controlnet(assets, tmp_path):
     run(train_argv(assets, tmp_path, controlnet_model_name_or_path=assets["controlnet"], max_train_steps=3))
     before = load_file(assets["controlnet"] / "diffusion_pytorch_model.safetensors")
