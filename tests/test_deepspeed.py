@@ -1,9 +1,12 @@
-"""DeepSpeed through accelerate's own configuration, on CPU, in one process.
+"""DeepSpeed through accelerate's own configuration, on CPU, in one process and in two.
 
-accelerate runs DeepSpeed across processes only on accelerators (on CPU each rank's state sees a
-world of one), so these launches use one process. That still puts the ControlNet and its optimizer
-inside a real ZeRO-2 engine: checkpoints hold DeepSpeed's own state, resume goes through it, and
-the final weights must equal a plain run's. ZeRO-3 must be refused before any training.
+One process is how accelerate runs DeepSpeed on CPU unaided. Across processes it runs DeepSpeed
+only on accelerators (on CPU each rank's state sees a world of one), so the two-process launches
+go through engines_on_cpu.py, which lifts that single gate; ZeRO-2 then partitions the optimizer
+state between two gloo processes. Either way the ControlNet and its optimizer live inside a real
+ZeRO-2 engine: checkpoints hold DeepSpeed's own state, resume goes through it, and the final
+weights must equal a plain one-process run's with the same global batch. ZeRO-3 must be refused
+before any training.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from controlnet_trainer.cli import run
 pytest.importorskip("deepspeed")
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+CPU_GATE_LIFT = Path(__file__).with_name("engines_on_cpu.py")
 
 
-def deepspeed_config(path: Path, zero_stage: int) -> Path:
+def deepspeed_config(path: Path, zero_stage: int, processes: int = 1) -> Path:
     path.write_text(
         "compute_environment: LOCAL_MACHINE\n"
         "distributed_type: DEEPSPEED\n"
@@ -34,31 +38,41 @@ def deepspeed_config(path: Path, zero_stage: int) -> Path:
         "  offload_optimizer_device: none\n"
         "mixed_precision: 'no'\n"
         "num_machines: 1\n"
-        "num_processes: 1\n"
+        f"num_processes: {processes}\n"
     )
     return path
 
 
-def launch(config: Path, argv: list[str]) -> subprocess.CompletedProcess:
+def launch(config: Path, argv: list[str], processes: int = 1) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    if processes > 1:  # gloo processes need accelerate's CPU mode, and the gate lifted in it
+        command.append(str(CPU_GATE_LIFT))
     return subprocess.run(
         [*command, str(ROOT / "train_controlnet.py"), *argv],
-        env=script_env(),  # DeepSpeed starts only without accelerate's forced CPU
+        # One process starts DeepSpeed only without accelerate's forced CPU.
+        env=script_env(**({"ACCELERATE_USE_CPU": "true"} if processes > 1 else {})),
         capture_output=True,
         text=True,
         timeout=600,
+        check=False,
     )
 
 
-def test_zero2_checkpoints_and_resumes_through_the_engine_like_a_plain_run(assets, tmp_path):
-    config = deepspeed_config(tmp_path / "zero2.yaml", zero_stage=2)
-    common = {"max_train_steps": 4, "checkpointing_steps": 2, "train_batch_size": 2}
-    first = launch(config, train_argv(assets, tmp_path / "zero2", stop_at_step=2, **common))
+@pytest.mark.parametrize("processes", [1, 2])
+def test_zero2_checkpoints_and_resumes_through_the_engine_like_a_plain_run(assets, tmp_path, processes):
+    config = deepspeed_config(tmp_path / "zero2.yaml", zero_stage=2, processes=processes)
+    # Adam's eps well above the last bits that two processes' gradient sums differ by, so that
+    # no weight with a near-zero gradient steps the other way (see test_fsdp.py's COMMON).
+    common = {"max_train_steps": 4, "checkpointing_steps": 2, "train_batch_size": 2, "adam_epsilon": 1e-3}
+    first = launch(config, train_argv(assets, tmp_path / "zero2", stop_at_step=2, **common), processes)
     assert first.returncode == 0, first.stderr[-5000:]
-    assert (tmp_path / "zero2" / "checkpoint-2" / "pytorch_model").is_dir()  # the engine's own state
-    resumed = launch(config, train_argv(assets, tmp_path / "zero2", resume_from_checkpoint="latest", **common))
+    engine_state = tmp_path / "zero2" / "checkpoint-2" / "pytorch_model"
+    # ZeRO-2: each rank holds and saves its own partition of the optimizer state.
+    assert len(list(engine_state.glob("*optim_states.pt"))) == processes
+    argv = train_argv(assets, tmp_path / "zero2", resume_from_checkpoint="latest", **common)
+    resumed = launch(config, argv, processes)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
-    run(train_argv(assets, tmp_path / "plain", **common))
+    run(train_argv(assets, tmp_path / "plain", **common | {"train_batch_size": 2 * processes}))
 
     engine = load_file(tmp_path / "zero2" / WEIGHTS)
     plain = load_file(tmp_path / "plain" / WEIGHTS)

@@ -1,9 +1,8 @@
 """sharding: the plain ControlNet that FSDP runs save and evaluate, rebuilt from gathered weights.
 
-accelerate never shards on CPU, so the trainer's FSDP runs are tested on GPUs only
-(test_fsdp.py). The gathering itself is not tied to a device: here two gloo processes shard a
-tiny ControlNet with FSDP2's fully_shard the way the README's configuration does, take an
-optimizer step on their shards, and gather. Also: the copy that the gathered weights become,
+test_fsdp.py runs the whole trainer under FSDP; here the gathering itself is checked against
+an unsharded reference: two gloo processes shard a tiny ControlNet with FSDP2's fully_shard the
+way the README's configuration does, take an optimizer step on their shards, and gather. Also: the copy that the gathered weights become,
 and the unsharded path, which must not copy.
 """
 
