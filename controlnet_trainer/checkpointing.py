@@ -53,8 +53,8 @@ def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None = None) 
     """Save the ControlNet (and its EMA) as diffusers models in checkpoints, load them back."""
 
     def save_hook(models, weights, output_dir):
-        for model in models:  # every rank: gathering FSDP's shards is a collective
-            full = sharding.full_controlnet(accelerator, model, every_rank=False)
+        for model in models:  # every rank: gathering shards or fp32 partitions is a collective
+            full = sharding.controlnet_to_save(accelerator, model)
             if accelerator.is_main_process:
                 full.save_pretrained(Path(output_dir) / "controlnet")
         if ema is not None and accelerator.is_main_process:

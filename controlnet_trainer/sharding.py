@@ -1,9 +1,14 @@
-"""The ControlNet's full weights when an engine shards them across processes (FSDP).
+"""The ControlNet's full weights when an engine shards them or keeps them elsewhere.
 
 Checkpoints, the final save, validation and the fidelity measure need every weight. Under DDP
 or DeepSpeed ZeRO-1/2 each rank already holds them all; under FSDP each rank holds a shard, and
 running the sharded module on one rank only would wait forever for the others. So these callers
 get a plain ControlNet built from the gathered weights instead: a collective every rank joins.
+
+Saves also need the weights at the precision they train in. DeepSpeed with bf16 or fp16 turns
+the module itself to that precision and keeps the fp32 weights the optimizer updates in its own
+partitions, so a save of the module would round every weight (and the small updates of a
+fine-tune with them); a save gathers the fp32 partitions instead.
 """
 
 from __future__ import annotations
@@ -32,6 +37,35 @@ def full_controlnet(accelerator: Accelerator, controlnet: torch.nn.Module, *, ev
     if weights is None:
         return None
     return plain_copy(accelerator.unwrap_model(controlnet).config, weights)
+
+
+def controlnet_to_save(accelerator: Accelerator, controlnet: torch.nn.Module) -> torch.nn.Module | None:
+    """The ControlNet as checkpoints and the final save write it: whole, in fp32 where it trains
+    in fp32 weights, on the main process (other ranks get None, or the bare module where that is
+    no copy). Every rank must call this."""
+    if is_sharded(accelerator):
+        return full_controlnet(accelerator, controlnet, every_rank=False)
+    module = accelerator.unwrap_model(controlnet)
+    if accelerator.distributed_type != DistributedType.DEEPSPEED or all(
+        p.dtype == torch.float32 for p in module.parameters()
+    ):
+        return module
+    weights = deepspeed_fp32_weights(module, on_main=accelerator.is_main_process)
+    return None if weights is None else plain_copy(module.config, weights)
+
+
+def deepspeed_fp32_weights(module: torch.nn.Module, *, on_main: bool) -> dict[str, torch.Tensor] | None:
+    """The fp32 weights DeepSpeed's optimizer holds for a bf16/fp16 module, in host memory on the
+    main process (None elsewhere). Each weight is assembled from every rank's partition: a
+    collective per weight, so every rank must call this."""
+    from deepspeed.utils import safe_get_full_fp32_param  # only reached when DeepSpeed runs
+
+    weights = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # None for a weight outside the optimizer
+        if on_main:
+            weights[name] = (param if full is None else full).detach().to("cpu", torch.float32)
+    return weights if on_main else None
 
 
 def gather_weights(model: torch.nn.Module, *, every_rank: bool) -> dict[str, torch.Tensor] | None:

@@ -178,8 +178,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
             Extras(probe, embeddings, offloaded, ema),
         )
     if not stopped:
-        with averaged_weights(accelerator, models.controlnet, ema):
-            finish(accelerator, args, family, models, plan)
+        finish(accelerator, args, family, models, plan, ema)
     accelerator.end_training()
     return RunResult(output_dir, progress.global_step, stopped)
 
@@ -449,6 +448,22 @@ def averaged_weights(accelerator: Accelerator, controlnet, ema: EMAModel | None)
         ema.restore(parameters)
 
 
+def final_controlnet(accelerator: Accelerator, controlnet, ema: EMAModel | None):
+    """The ControlNet the final save writes, on the main process; every rank must call this.
+
+    The EMA's fp32 average goes into a copy of its own, not into the module: under DeepSpeed
+    with bf16 the module is bf16 and would round it.
+    """
+    if ema is None:
+        return sharding.controlnet_to_save(accelerator, controlnet)
+    if not accelerator.is_main_process:
+        return None
+    bare = accelerator.unwrap_model(controlnet)
+    names = [name for name, _ in bare.named_parameters()]  # the order EMAModel keeps them in
+    weights = {name: average.detach().to("cpu") for name, average in zip(names, ema.shadow_params, strict=True)}
+    return sharding.plain_copy(bare.config, weights)
+
+
 def offload_cached_encoders(args: argparse.Namespace, models: Models) -> tuple[torch.nn.Module, ...]:
     """Once their outputs are cached, the VAE and text encoders wait on the CPU for validation."""
     offloaded = ((models.vae,) if args.cache_latents else ()) + (
@@ -623,10 +638,11 @@ def log_plan(accelerator: Accelerator, plan: TrainPlan, progress: TrainingProgre
         )
 
 
-def finish(accelerator, args, family, models, plan) -> None:
-    """Final weights at the output root, the model card, and the optional upload."""
+def finish(accelerator, args, family, models, plan, ema: EMAModel | None) -> None:
+    """Final weights (the EMA's, with --use_ema) at the output root, the model card, and the
+    optional upload."""
     accelerator.wait_for_everyone()
-    controlnet = sharding.full_controlnet(accelerator, models.controlnet, every_rank=False)
+    controlnet = final_controlnet(accelerator, models.controlnet, ema)
     if not accelerator.is_main_process:
         return
     output_dir = Path(args.output_dir)

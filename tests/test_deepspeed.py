@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, script_env, train_argv
 from safetensors.torch import load_file
 
@@ -27,7 +28,7 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 CPU_GATE_LIFT = Path(__file__).with_name("engines_on_cpu.py")
 
 
-def deepspeed_config(path: Path, zero_stage: int, processes: int = 1) -> Path:
+def deepspeed_config(path: Path, zero_stage: int, processes: int = 1, mixed_precision: str = "'no'") -> Path:
     path.write_text(
         "compute_environment: LOCAL_MACHINE\n"
         "distributed_type: DEEPSPEED\n"
@@ -36,7 +37,7 @@ def deepspeed_config(path: Path, zero_stage: int, processes: int = 1) -> Path:
         "  gradient_accumulation_steps: 1\n"
         "  gradient_clipping: 1.0\n"
         "  offload_optimizer_device: none\n"
-        "mixed_precision: 'no'\n"
+        f"mixed_precision: {mixed_precision}\n"
         "num_machines: 1\n"
         f"num_processes: {processes}\n"
     )
@@ -78,6 +79,21 @@ def test_zero2_checkpoints_and_resumes_through_the_engine_like_a_plain_run(asset
     plain = load_file(tmp_path / "plain" / WEIGHTS)
     assert engine.keys() == plain.keys()
     assert max((engine[k] - plain[k]).abs().max().item() for k in plain) < 1e-6
+
+
+def test_zero2_in_bf16_saves_the_optimizers_fp32_weights_not_the_rounded_module(assets, tmp_path):
+    # In bf16 DeepSpeed turns the module itself to bf16 and keeps the fp32 weights in the
+    # optimizer's partitions. Saving the module rounded every weight to bf16 (and saved bf16).
+    config = deepspeed_config(tmp_path / "zero2.yaml", zero_stage=2, processes=2, mixed_precision="bf16")
+    argv = train_argv(assets, tmp_path / "bf16", max_train_steps=2, checkpointing_steps=2, train_batch_size=2)
+    done = launch(config, argv, processes=2)
+    assert done.returncode == 0, done.stderr[-5000:]
+    for saved in (tmp_path / "bf16", tmp_path / "bf16" / "checkpoint-2" / "controlnet"):
+        weights = load_file(saved / WEIGHTS)
+        assert {tensor.dtype for tensor in weights.values()} == {torch.float32}
+        # fp32 updates on bf16-rounded starting weights: most no longer fit in bf16.
+        kept = sum((tensor != tensor.bfloat16().float()).sum().item() for tensor in weights.values())
+        assert kept > 0.5 * sum(tensor.numel() for tensor in weights.values())
 
 
 def test_zero3_is_refused_before_training(assets, tmp_path):

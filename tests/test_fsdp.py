@@ -50,7 +50,7 @@ TOLERANCE = 1e-6
 RESUME_TOLERANCE = TOLERANCE if ON_GPU else 0.0
 
 
-def fsdp_config(path: Path, version: int) -> Path:
+def fsdp_config(path: Path, version: int, mixed_precision: str = "'no'") -> Path:
     """The configuration the README documents, for PROCESSES processes."""
     path.write_text(
         "compute_environment: LOCAL_MACHINE\n"
@@ -65,7 +65,7 @@ def fsdp_config(path: Path, version: int) -> Path:
         "  fsdp_state_dict_type: SHARDED_STATE_DICT\n"
         "  fsdp_cpu_ram_efficient_loading: false\n"
         "  fsdp_offload_params: false\n"
-        "mixed_precision: 'no'\n"
+        f"mixed_precision: {mixed_precision}\n"
         "num_machines: 1\n"
         f"num_processes: {PROCESSES}\n"
     )
@@ -125,6 +125,19 @@ def test_fsdp_trains_saves_evaluates_and_resumes_like_a_plain_run(assets, tmp_pa
     assert sorted(p.name for p in (straight / "validation").glob("step-*.png")) == ["step-000004.png"]
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "fidelity/control_gap" in r] == [0, 2, 4]
+
+
+def test_fsdp2_in_bf16_trains_evaluates_and_saves_fp32_weights(assets, tmp_path):
+    # bf16 is how FSDP runs on GPUs: the shards stay fp32 and each block computes in bf16.
+    config = fsdp_config(tmp_path / "fsdp.yaml", 2, mixed_precision="bf16")
+    common = COMMON | {"validation_image": assets["validation"], "controlnet_model_name_or_path": assets["controlnet"]}
+    launch(train_argv(assets, tmp_path / "bf16", **common | {"max_train_steps": 2, "validation_steps": 2}), config)
+    final = load_file(tmp_path / "bf16" / WEIGHTS)
+    assert {tensor.dtype for tensor in final.values()} == {torch.float32}
+    assert largest_difference(final, load_file(Path(assets["controlnet"]) / WEIGHTS)) > 1e-5  # it trained
+    assert (tmp_path / "bf16" / "validation" / "step-000002.png").is_file()
+    records = [json.loads(line) for line in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "fidelity/control_gap" in r] == [0, 2]
 
 
 def test_fsdp_with_ema_is_refused_before_training(assets, tmp_path):

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from conftest import script_env
 from diffusers import ControlNetModel
 
-from controlnet_trainer.sharding import full_controlnet, is_sharded, plain_copy
+from controlnet_trainer.sharding import controlnet_to_save, full_controlnet, is_sharded, plain_copy
 
 
 def test_plain_copy_computes_what_the_original_does(assets):
@@ -42,6 +42,7 @@ def test_unsharded_runs_use_the_module_itself(assets):
     model = accelerator.prepare(ControlNetModel.from_pretrained(assets["controlnet"]))
     assert not is_sharded(accelerator)
     assert full_controlnet(accelerator, model, every_rank=False) is accelerator.unwrap_model(model)
+    assert controlnet_to_save(accelerator, model) is accelerator.unwrap_model(model)
 
 
 # Each rank: shard the ControlNet by blocks, one AdamW step on the same batch (the averaged
