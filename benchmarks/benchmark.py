@@ -10,7 +10,11 @@ Sections:
   second, the peak resident memory of the process, and the whole-process time of a 6-step run.
   The cached path is measured with its cache already built; the build time is reported apart.
   One more SD case uses a VAE whose encoder has SD 1.5's share of a step's FLOPs
-  (``fixtures.SD15_PROPORTIONED_VAE_CHANNELS``); the default tiny VAE has a tenth of it.
+  (``fixtures.SD15_PROPORTIONED_VAE_CHANNELS``); the default tiny VAE has a tenth of it. The
+  tiny models' steps are bound by per-operator overhead, not arithmetic, so the last case is
+  SD 1.5 itself at a quarter of its width (``reference_models.narrowed_sd15``), at 64 px. For
+  each case the table also gives the speed-up the FLOPs allow: a step's FLOPs uncached over
+  cached, counted by ``reference_models.step_flops``.
 - ``data``: decode and transform throughput of one data-loader worker at 512 px on a
   JPEG-encoded fill dataset.
 - ``fidelity``: the control gap after a fixed number of steps with the default settings of the
@@ -72,6 +76,8 @@ def train_section(assets: Path, work: Path, env: dict, *, steps: int, warmup: in
     ]
     # The VAE encoder's share of a step as in SD 1.5 at 512 px: the case the 1.4x target is about.
     cases.append(("sd", "tiny-sd-sd15-vae", 64))
+    # SD 1.5's structure with weights enough that a CPU step is arithmetic, not overhead.
+    cases.append(("sd", "sd15-quarter-width", 64))
     for family, model, resolution in cases:
         for cached in (False, True):
             rows.append(train_case(assets, work, env, family, model, resolution, cached, steps=steps, warmup=warmup))
@@ -79,8 +85,7 @@ def train_section(assets: Path, work: Path, env: dict, *, steps: int, warmup: in
 
 
 def train_case(assets, work, env, family, model, resolution, cached, *, steps, warmup) -> dict:
-    variant = "-sd15-vae" if model.endswith("sd15-vae") else ""
-    name = f"{family}{variant}-{resolution}px-{'cached' if cached else 'uncached'}"
+    name = f"{model.removeprefix('tiny-')}-{resolution}px-{'cached' if cached else 'uncached'}"
     cache_flags = ["--cache_latents", "--cache_text_embeddings", f"--embeddings_cache_dir={work / 'cache'}"]
 
     def flags(output: str, max_steps: int) -> list[str]:
@@ -113,7 +118,16 @@ def train_case(assets, work, env, family, model, resolution, cached, *, steps, w
         "peak_rss_mib": timed["peak_rss_mib"],
         "six_step_process_seconds": short["wall_seconds"],
         "cache_build_process_seconds": build_seconds,
+        "flop_bound_speedup": flop_bound(assets / model, resolution) if cached else None,
     }
+
+
+def flop_bound(model_dir: Path, resolution: int) -> float:
+    """The cache's speed-up if a step's time were its arithmetic: FLOPs uncached over cached."""
+    from controlnet_trainer import reference_models
+
+    flops = reference_models.step_flops(reference_models.meta_components(model_dir), resolution)
+    return flops["uncached"] / flops["cached"]
 
 
 def data_section(work: Path, *, samples: int) -> dict:
@@ -167,11 +181,11 @@ def fidelity_section(assets: Path, work: Path, env: dict, *, steps: int) -> dict
 
 def print_table(results: dict) -> None:
     print(f"\n{results['machine']}\n")
-    print(f"{'case':<30}{'s/step':>9}{'samples/s':>11}{'peak RSS MiB':>14}{'6-step run s':>14}{'cache build s':>15}")
+    print(f"{'case':<34}{'s/step':>9}{'samples/s':>11}{'peak RSS MiB':>14}{'6-step run s':>14}{'cache build s':>15}")
     for row in results["train"]:
         build = row["cache_build_process_seconds"]
         print(
-            f"{row['case']:<30}{row['seconds_per_step']:>9.3f}{row['samples_per_second']:>11.1f}"
+            f"{row['case']:<34}{row['seconds_per_step']:>9.3f}{row['samples_per_second']:>11.1f}"
             f"{row['peak_rss_mib']:>14.0f}{row['six_step_process_seconds']:>14.1f}"
             f"{'' if build is None else f'{build:.1f}':>15}"
         )
@@ -181,7 +195,10 @@ def print_table(results: dict) -> None:
             base = by_case[row["case"].replace("-cached", "-uncached")]
             speedup = base["seconds_per_step"] / row["seconds_per_step"]
             memory = row["peak_rss_mib"] / base["peak_rss_mib"]
-            print(f"  {row['case']}: {speedup:.2f}x faster per step, peak memory x{memory:.2f}")
+            print(
+                f"  {row['case']}: {speedup:.2f}x faster per step (FLOPs allow "
+                f"{row['flop_bound_speedup']:.2f}x), peak memory x{memory:.2f}"
+            )
     if "data" in results:
         print(
             f"\n{results['data']['case']}: {results['data']['samples_per_second_per_worker']:.1f} samples/s per worker"
@@ -199,7 +216,7 @@ def main() -> None:
     parser.add_argument("--fidelity_steps", type=int, default=400)
     args = parser.parse_args()
 
-    from controlnet_trainer import fixtures
+    from controlnet_trainer import fixtures, reference_models
 
     env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory() as scratch:
@@ -208,6 +225,7 @@ def main() -> None:
         fixtures.build_fill_dataset(assets / "fill", num_rows=400, size=128)
         fixtures.build_tiny_sd(assets / "tiny-sd")
         fixtures.build_tiny_sd(assets / "tiny-sd-sd15-vae", vae_channels=fixtures.SD15_PROPORTIONED_VAE_CHANNELS)
+        reference_models.build_reference("sd15", assets / "sd15-quarter-width", width_divisor=4)
         if not args.quick:
             fixtures.build_tiny_sdxl(assets / "tiny-sdxl")
         steps = 12 if args.quick else args.steps

@@ -36,6 +36,20 @@ def test_architectures_have_the_published_sizes(family, tmp_path):
     assert {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()} == PUBLISHED[family]
 
 
+def test_narrowed_sd15_keeps_the_structure_at_a_sixteenth_of_the_weights(tmp_path):
+    tokenizers = reference_models.write_tokenizers("sd15", tmp_path)
+    with torch.device("meta"):
+        quarter = reference_models.components("sd15", tokenizers, width_divisor=4)
+    for name in ("unet", "vae"):  # widths / 4: weights / 16, up to biases and norms
+        weights = sum(p.numel() for p in quarter[name].parameters())
+        assert weights == pytest.approx(PUBLISHED["sd15"][name] / 16, rel=0.1)
+    # Same depth: as many blocks, layers and attention heads as SD 1.5 itself.
+    assert len(list(quarter["unet"].modules())) == len(list(meta_parts("sd15", tmp_path)["unet"].modules()))
+    assert quarter["unet"].config.cross_attention_dim == quarter["text_encoder"].config.hidden_size == 192
+    flops = reference_models.step_flops(quarter, 64)  # runs: every width fits the next
+    assert flops["uncached"] > flops["cached"] > 0
+
+
 def test_sd15_step_flops_match_the_known_breakdown(tmp_path):
     """Per sample at 512 px: VAE encoder 1.12 TFLOP, text encoder 0.01, ControlNet forward and
     backward 0.87, UNet forward and backward into the residuals 1.46 (issue #5's figures)."""

@@ -323,7 +323,7 @@ def test_engines_refuse_what_they_cannot_save(engine, zero_stage, use_ema, refus
         check_engine(engine, zero_stage, use_ema)
 
 
-@pytest.mark.parametrize(("device", "fused"), [("cuda", True), ("cpu", None)])
+@pytest.mark.parametrize(("device", "fused"), [("cuda", True), ("cpu", True), ("mps", None)])
 def test_adamw_is_fused_for_the_training_device_not_where_weights_start(device, fused):
     from controlnet_trainer.arguments import parse_args
     from controlnet_trainer.models import make_optimizer
