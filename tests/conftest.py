@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from controlnet_trainer import fixtures
 
 RESOLUTION = 64
 ROOT = Path(__file__).resolve().parents[1]
+ENGINES_ON_CPU = Path(__file__).with_name("engines_on_cpu.py")
 
 
 def script_env(**extra) -> dict:
@@ -23,6 +26,24 @@ def script_env(**extra) -> dict:
     for name in ("ACCELERATE_CONFIG_FILE", "ACCELERATE_USE_CPU"):
         env.pop(name, None)
     return env | extra
+
+
+def accelerate_launch(
+    launch_flags: list[str], argv: list[str], *, engine_on_cpu: bool = False, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """train_controlnet.py under `accelerate launch` with ``launch_flags``. With ``engine_on_cpu``,
+    the FSDP or DeepSpeed run the configuration asks for spans CPU processes: accelerate's CPU
+    mode, and engines_on_cpu.py to lift accelerate's GPU-only check."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags]
+    command += [str(ENGINES_ON_CPU)] if engine_on_cpu else []
+    return subprocess.run(
+        [*command, str(ROOT / "train_controlnet.py"), *argv],
+        env=script_env(**({"ACCELERATE_USE_CPU": "true"} if engine_on_cpu else {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -12,12 +12,11 @@ before any training.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, script_env, train_argv
+from conftest import accelerate_launch, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
@@ -25,7 +24,6 @@ from controlnet_trainer.cli import run
 pytest.importorskip("deepspeed")
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-CPU_GATE_LIFT = Path(__file__).with_name("engines_on_cpu.py")
 
 
 def deepspeed_config(path: Path, zero_stage: int, processes: int = 1, mixed_precision: str = "'no'") -> Path:
@@ -45,18 +43,8 @@ def deepspeed_config(path: Path, zero_stage: int, processes: int = 1, mixed_prec
 
 
 def launch(config: Path, argv: list[str], processes: int = 1) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    if processes > 1:  # gloo processes need accelerate's CPU mode, and the gate lifted in it
-        command.append(str(CPU_GATE_LIFT))
-    return subprocess.run(
-        [*command, str(ROOT / "train_controlnet.py"), *argv],
-        # One process starts DeepSpeed only without accelerate's forced CPU.
-        env=script_env(**({"ACCELERATE_USE_CPU": "true"} if processes > 1 else {})),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    # One process starts DeepSpeed on CPU unaided, and only without accelerate's forced CPU.
+    return accelerate_launch(["--config_file", str(config)], argv, engine_on_cpu=processes > 1, timeout=600)
 
 
 @pytest.mark.parametrize("processes", [1, 2])

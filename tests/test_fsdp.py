@@ -12,18 +12,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, script_env, train_argv
+from conftest import accelerate_launch, train_argv
 from safetensors.torch import load_file
 
 ON_GPU = torch.cuda.is_available()
 PROCESSES = torch.cuda.device_count() if ON_GPU else 2
 VERSIONS = [1, 2] if ON_GPU else [2]
-CPU_GATE_LIFT = Path(__file__).with_name("engines_on_cpu.py")
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 # Two GPU runs of the same step differ in the last bits (atomic adds in the convolutions'
@@ -75,18 +73,8 @@ def fsdp_config(path: Path, version: int, mixed_precision: str = "'no'") -> Path
 def launch(argv: list[str], config: Path | None = None, *, succeed: bool = True) -> subprocess.CompletedProcess:
     """The training script under accelerate: with ``config``, as it says (on CPU through the gate
     lift); else one plain process."""
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    command += ["--config_file", str(config)] if config else ["--num_processes=1", "--mixed_precision=no"]
-    on_cpu = config is not None and not ON_GPU
-    command += [str(CPU_GATE_LIFT)] if on_cpu else []
-    done = subprocess.run(
-        [*command, str(ROOT / "train_controlnet.py"), *argv],
-        env=script_env(**({"ACCELERATE_USE_CPU": "true"} if on_cpu else {})),
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
+    flags = ["--config_file", str(config)] if config else ["--num_processes=1", "--mixed_precision=no"]
+    done = accelerate_launch(flags, argv, engine_on_cpu=config is not None and not ON_GPU)
     if succeed:
         assert done.returncode == 0, done.stderr[-5000:]
     return done
