@@ -244,8 +244,8 @@ def _speed_group(parser: argparse.ArgumentParser) -> None:
         "--embeddings_cache_dir",
         type=str,
         default=None,
-        help="Where cached embeddings live (default: <--cache_dir or ~/.cache/huggingface>/"
-        "controlnet_trainer). Reused by later runs with the same models, data and resolution.",
+        help="Where cached embeddings live (default: <--cache_dir or $HF_HOME, ~/.cache/huggingface "
+        "unless set>/controlnet_trainer). Reused by later runs with the same models, data and resolution.",
     )
 
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
+from huggingface_hub import constants as hub_constants
 
 from . import data
 from .buckets import Bucket
@@ -40,7 +42,8 @@ _TEXT_BATCH = 32  # prompts are short: this batch's memory is small at any resol
 def cache_root(args: argparse.Namespace) -> Path:
     if args.embeddings_cache_dir:
         return Path(args.embeddings_cache_dir)
-    base = Path(args.cache_dir) if args.cache_dir else Path(os.path.expanduser("~/.cache/huggingface"))
+    # Beside the hub's and datasets' caches: $HF_HOME, ~/.cache/huggingface unless set.
+    base = Path(args.cache_dir) if args.cache_dir else Path(hub_constants.HF_HOME)
     return base / "controlnet_trainer"
 
 
@@ -167,9 +170,9 @@ def build(
     transform: data.PairedTransform,
     buckets: Sequence[Bucket] | None = None,
 ) -> None:
-    """Encode everything into ``directory``, written under a temporary name then renamed."""
-    partial = directory.with_name(directory.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    """Encode everything into a folder of this process's own, then rename it to ``directory``."""
+    partial = _partial_name(directory)
+    _remove_abandoned_builds(directory)
     partial.mkdir(parents=True)
     columns = data.columns_from_args(args)
     if args.cache_latents:
@@ -194,9 +197,64 @@ def build(
             _write(partial, "text_pooled", pooled)
         ids = [[position[c] for c in options] for options in captions]
         (partial / "caption_ids.json").write_text(json.dumps(ids))
-    (partial / COMPLETE).write_text(json.dumps({"rows": len(rows), "version": CACHE_VERSION}))
+    files = sorted(path.name for path in partial.iterdir())
+    (partial / COMPLETE).write_text(json.dumps({"rows": len(rows), "version": CACHE_VERSION, "files": files}))
+    _publish(partial, directory)
+
+
+def _partial_name(directory: Path) -> Path:
+    """Where this process builds the cache: two runs that build the same cache at once (or two
+    nodes on one shared disk) each write their own folder, so neither deletes the other's work."""
+    return directory.with_name(f"{directory.name}.partial-{socket.gethostname()}-{os.getpid()}")
+
+
+def _remove_abandoned_builds(directory: Path) -> None:
+    """Partial builds of this cache left on this host by processes that no longer run (killed)."""
+    prefix = f"{directory.name}.partial-{socket.gethostname()}-"
+    if not directory.parent.is_dir():
+        return
+    for path in directory.parent.iterdir():
+        pid = path.name.removeprefix(prefix)
+        if path.name.startswith(prefix) and pid.isdigit() and not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def _publish(partial: Path, directory: Path) -> None:
+    """Rename the finished build into place; if another process published it first, keep theirs.
+
+    A rename onto a folder that has files fails, so exactly one of several builders wins.
+    """
+    try:
+        os.rename(partial, directory)
+        return
+    except OSError:
+        if is_complete(directory):
+            logger.info("Another process finished %s first; using its copy", directory)
+            shutil.rmtree(partial, ignore_errors=True)
+            return
+    logger.warning("Replacing the incomplete embeddings cache in %s", directory)
     shutil.rmtree(directory, ignore_errors=True)
-    os.replace(partial, directory)
+    os.rename(partial, directory)
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether ``directory`` holds a finished build with every file it lists (damage or an
+    interrupted copy would otherwise surface later as a missing array)."""
+    marker = directory / COMPLETE
+    if not marker.exists():
+        return False
+    listed = json.loads(marker.read_text()).get("files", [])
+    return all((directory / name).exists() for name in listed)
 
 
 def load(directory: Path) -> EmbeddingCache:
@@ -234,10 +292,20 @@ def prepare_cache(
     if not (args.cache_latents or args.cache_text_embeddings):
         return None
     directory = cache_root(args) / cache_key(args, family, rows, transform)
-    with accelerator.main_process_first():
-        if accelerator.is_main_process and not (directory / COMPLETE).exists():
+
+    def build_or_reuse() -> None:
+        if is_complete(directory):
+            logger.info("Reusing the embeddings cached in %s", directory)
+        else:
             logger.info("Caching embeddings of %d rows in %s", len(rows), directory)
             build(directory, args, family, models, rows, transform, buckets)
-        elif accelerator.is_main_process:
-            logger.info("Reusing the embeddings cached in %s", directory)
+
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            build_or_reuse()
+    # Nodes that share the main process's disk find its cache; a node with a disk of its own
+    # (a default ~/.cache on each machine) builds its copy, once, in its first process.
+    with accelerator.local_main_process_first():
+        if accelerator.is_local_main_process and not accelerator.is_main_process:
+            build_or_reuse()
     return load(directory)

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import straight_and_resumed, train_argv
+from conftest import ROOT, script_env, straight_and_resumed, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
@@ -91,3 +98,57 @@ def test_cache_encodes_one_training_batch_at_a_time(assets, tmp_path, monkeypatc
     run(train_argv(assets, tmp_path / "out", **flags))
     assert sum(batch_sizes) == 24  # every row once
     assert max(batch_sizes) == 5
+
+
+def start_training(argv: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as stderr:  # a file, not a pipe: a paused reader must not stall the run
+        return subprocess.Popen(
+            [sys.executable, str(ROOT / "train_controlnet.py"), *argv], env=script_env(), stdout=subprocess.DEVNULL, stderr=stderr
+        )  # fmt: skip
+
+
+def test_two_runs_building_one_cache_at_once_both_train(assets, tmp_path):
+    """Run A is paused in the middle of its cache build while run B builds the same cache and
+    trains; then A goes on. Each builds in a folder of its own and the first to finish is kept:
+    both runs train and one complete cache remains. (With one shared build folder, B deleted
+    A's half-written files and A crashed.)"""
+    cache_root = tmp_path / "cache"
+
+    def argv(name: str) -> list[str]:
+        flags = dict(max_train_steps=2, train_batch_size=1, embeddings_cache_dir=cache_root, **CACHE_FLAGS)
+        return train_argv(assets, tmp_path / name, **flags)
+
+    first = start_training(argv("a"), tmp_path / "a.log")
+    deadline = time.monotonic() + 300
+    while not any(".partial" in p.name for p in cache_root.glob("*")):
+        assert first.poll() is None and time.monotonic() < deadline, "run A ended before its cache build began"
+        time.sleep(0.001)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert not cache_dirs(cache_root), "run A finished its cache build before it could be paused"
+        second = start_training(argv("b"), tmp_path / "b.log")
+        assert second.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    assert "first; using its copy" in (tmp_path / "a.log").read_text()
+    (kept,) = cache_dirs(cache_root)
+    assert [p.name for p in cache_root.iterdir()] == [kept]  # no build folder left behind
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_a_damaged_cache_is_rebuilt_and_abandoned_builds_are_removed(assets, tmp_path):
+    cache_root = tmp_path / "cache"
+    common = dict(max_train_steps=1, embeddings_cache_dir=cache_root, **CACHE_FLAGS)
+    run(train_argv(assets, tmp_path / "a", **common))
+    (key,) = cache_dirs(cache_root)
+    (cache_root / key / "latent_std_0.npy").unlink()  # damage: the folder says complete, a file is gone
+    prefix = f"{key}.partial-{socket.gethostname()}-"
+    abandoned = cache_root / f"{prefix}{2**22 + 1}"  # above Linux's largest pid: no such process
+    running = cache_root / f"{prefix}{os.getppid()}"  # a live process: a build in progress
+    abandoned.mkdir()
+    running.mkdir()
+    run(train_argv(assets, tmp_path / "b", **common))
+    assert (cache_root / key / "latent_std_0.npy").exists()
+    assert not abandoned.exists() and running.exists()
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,10 +66,11 @@ cli.main()
 """
 
 
-def start_two(script: Path, argv: list[str], **env) -> subprocess.Popen:
+def start_two(script: Path, argv: list[str], machine: list[str] = ("--num_machines=1",), **env) -> subprocess.Popen:
+    """Two ranks on one machine; or, with ``machine`` flags for two, this machine's one rank."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
-        "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", str(script), *argv,
+        *machine, "--mixed_precision=no", "--dynamo_backend=no", str(script), *argv,
     ]  # fmt: skip
     # Own session for the launcher; torch's elastic agent gives each rank a session of its own.
     return subprocess.Popen(
@@ -77,7 +79,7 @@ def start_two(script: Path, argv: list[str], **env) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def wait_two(process: subprocess.Popen) -> subprocess.CompletedProcess:
+def wait_two(process: subprocess.Popen, check: bool = True) -> subprocess.CompletedProcess:
     try:
         stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
     except subprocess.TimeoutExpired:
@@ -87,7 +89,7 @@ def wait_two(process: subprocess.Popen) -> subprocess.CompletedProcess:
         _, stderr = process.communicate()
         pytest.fail(f"two-process run hung for {LAUNCH_TIMEOUT}s; stderr tail:\n{stderr[-5000:]}")
     done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    assert done.returncode == 0, f"two-process run failed ({done.returncode}):\n{done.stderr[-5000:]}"
+    assert not check or done.returncode == 0, f"two-process run failed ({done.returncode}):\n{done.stderr[-5000:]}"
     return done
 
 
@@ -228,6 +230,55 @@ def test_stop_and_resume_in_two_processes_matches_the_uninterrupted_run(assets, 
     a, b = load_file(output_dir / WEIGHTS), load_file(straight_dir / WEIGHTS)
     different = [k for k in b if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def two_machines(argv: list[str], homes: tuple[Path, Path]) -> list[str]:
+    """One rank on each of two "machines" (two launchers on this host, ranks 0 and 1), each with
+    its own HF_HOME; returns each machine's log."""
+    port = free_port()
+    launchers = [
+        start_two(
+            ROOT / "train_controlnet.py",
+            argv,
+            [
+                "--num_machines=2",
+                f"--machine_rank={rank}",
+                "--main_process_ip=127.0.0.1",
+                f"--main_process_port={port}",
+            ],
+            HF_HOME=str(home),
+        )
+        for rank, home in enumerate(homes)
+    ]
+    done = [wait_two(launcher, check=False) for launcher in launchers]
+    # Every machine's log: the one that failed first shows the cause, the other only a lost peer.
+    for rank, machine in enumerate(done):
+        assert machine.returncode == 0, f"machine {rank} failed:\n" + "\n".join(d.stderr[-3000:] for d in done)
+    return [machine.stderr for machine in done]
+
+
+def test_each_machine_builds_the_embeddings_cache_once_unless_the_disk_is_shared(assets, tmp_path):
+    """The cache's default folder is under HF_HOME, which is on each machine's own disk. The
+    second machine's first process builds its own copy (before, its ranks found no cache and
+    failed); with a shared HF_HOME it reuses the main machine's. Both train the same weights."""
+    common = {"train_batch_size": 2, "max_train_steps": 3, "cache_latents": True, "cache_text_embeddings": True}
+    own_homes = (tmp_path / "home0", tmp_path / "home1")
+    own = two_machines(train_argv(assets, tmp_path / "own", **common), own_homes)
+    for log, home in zip(own, own_homes, strict=True):
+        assert f"Caching embeddings of 24 rows in {home}" in log
+        assert len(list((home / "controlnet_trainer").glob("*/complete.json"))) == 1
+    shared_home = tmp_path / "shared"
+    main, second = two_machines(train_argv(assets, tmp_path / "shared-run", **common), (shared_home, shared_home))
+    assert "Caching embeddings" in main and "Reusing the embeddings cached" in second
+    assert "Caching embeddings" not in second
+    a, b = load_file(tmp_path / "own" / WEIGHTS), load_file(tmp_path / "shared-run" / WEIGHTS)
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def parent_pid(pid: int) -> int:
