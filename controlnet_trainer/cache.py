@@ -25,6 +25,7 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from huggingface_hub import constants as hub_constants
 
 from . import data
@@ -85,8 +86,8 @@ class EmbeddingCache:
     """Memory-mapped cached tensors; rows are indexed by dataset position."""
 
     directory: Path
-    # One array per latent shape (one shape, or one per aspect-ratio bucket), and each row's
-    # (shape group, position in it).
+    # One array per piece (rows of one latent shape that one process encoded; None for an empty
+    # piece), and each row's (piece, position in it).
     latent_means: tuple[np.ndarray, ...] | None
     latent_stds: tuple[np.ndarray, ...] | None
     latent_slots: np.ndarray | None
@@ -151,17 +152,74 @@ def _encode_texts(models: Models, family: ModelFamily, prompts: list[str]) -> tu
     return np.concatenate(hidden), (np.concatenate(pooled) if pooled else None)
 
 
-def _latent_groups(buckets: Sequence[Bucket] | None, num_rows: int) -> list[list[int]]:
-    """Row indices that share a latent shape: all rows, or one list per aspect-ratio bucket."""
+@dataclasses.dataclass(frozen=True)
+class Team:
+    """The processes of one machine, which build that machine's copy of the cache together."""
+
+    member: int  # this process's place in the team; 0 leads: it checks, encodes texts, publishes
+    size: int
+    build: bool  # the lead found no complete cache
+    folder: Path  # where the team builds: named after the lead, so every member writes there
+
+
+def machine_team(accelerator: Accelerator, directory: Path) -> Team:
+    """This process's team. Launchers number ranks machine by machine, so a machine's lead is the
+    rank its local rank 0 has. Only leads look at the disk; the gather gives every member its
+    lead's answer (members that looked for themselves could disagree while another run publishes)."""
+    lead = accelerator.process_index - accelerator.local_process_index
+    mine = (lead, os.getpid(), not is_complete(directory) if accelerator.is_local_main_process else None)
+    table = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    _, lead_pid, build = table[lead]
+    size = sum(1 for row in table if row[0] == lead)
+    return Team(accelerator.local_process_index, size, build, _partial_name(directory, lead_pid))
+
+
+def _latent_pieces(buckets: Sequence[Bucket] | None, num_rows: int, team_size: int) -> list[list[int]]:
+    """Row indices stored together: one latent shape (all rows, or an aspect-ratio bucket's), and
+    of those every ``team_size``-th, so that each member of the team encodes its own pieces.
+    Piece p belongs to member p % team_size."""
     if buckets is None:
-        return [list(range(num_rows))]
-    groups: dict[Bucket, list[int]] = {}
-    for index, bucket in enumerate(buckets):
-        groups.setdefault(bucket, []).append(index)
-    return list(groups.values())
+        shapes = [list(range(num_rows))]
+    else:
+        by_bucket: dict[Bucket, list[int]] = {}
+        for index, bucket in enumerate(buckets):
+            by_bucket.setdefault(bucket, []).append(index)
+        shapes = list(by_bucket.values())
+    return [rows[member::team_size] for rows in shapes for member in range(team_size)]
+
+
+def _write_latents(folder: Path, team: Team, args, models: Models, dataset, pieces: list[list[int]]) -> None:
+    for piece, indices in enumerate(pieces):
+        if piece % team.size == team.member and indices:
+            subset = torch.utils.data.Subset(dataset, indices)
+            mean, std = _encode_latents(models, subset, args.train_batch_size, args.dataloader_num_workers)
+            _write(folder, f"latent_mean_{piece}", mean)
+            _write(folder, f"latent_std_{piece}", std)
+
+
+def _slots(pieces: list[list[int]], num_rows: int) -> np.ndarray:
+    """Each row's (piece, position in it)."""
+    slots = np.zeros((num_rows, 2), dtype=np.int64)
+    for piece, indices in enumerate(pieces):
+        slots[indices] = [(piece, position) for position in range(len(indices))]
+    return slots
+
+
+def _write_texts(folder: Path, family: ModelFamily, models: Models, captions: list[list[str]]) -> None:
+    # Index 0 is the empty prompt that dropout swaps in; each distinct caption is encoded once.
+    table = [""] + sorted({c for options in captions for c in options} - {""})
+    position = {caption: i for i, caption in enumerate(table)}
+    hidden, pooled = _encode_texts(models, family, table)
+    _write(folder, "text_hidden", hidden)
+    if pooled is not None:
+        _write(folder, "text_pooled", pooled)
+    ids = [[position[c] for c in options] for options in captions]
+    (folder / "caption_ids.json").write_text(json.dumps(ids))
 
 
 def build(
+    accelerator: Accelerator,
+    team: Team,
     directory: Path,
     args: argparse.Namespace,
     family: ModelFamily,
@@ -170,42 +228,37 @@ def build(
     transform: data.PairedTransform,
     buckets: Sequence[Bucket] | None = None,
 ) -> None:
-    """Encode everything into a folder of this process's own, then rename it to ``directory``."""
-    partial = _partial_name(directory)
-    _remove_abandoned_builds(directory)
-    partial.mkdir(parents=True)
+    """Encode everything into the team's folder, then the lead renames it to ``directory``.
+
+    Every process calls this, building or not, because of the barriers in it. Each member
+    encodes its share of the latents; the lead encodes the texts, which cost little.
+    """
+    if team.build and team.member == 0:
+        logger.info("Caching embeddings of %d rows in %s (%d processes)", len(rows), directory, team.size)
+        _remove_abandoned_builds(directory)
+        team.folder.mkdir(parents=True)
+    accelerator.wait_for_everyone()  # the folder exists before the members write into it
     columns = data.columns_from_args(args)
-    if args.cache_latents:
+    pieces = _latent_pieces(buckets, len(rows), team.size)
+    if team.build and args.cache_latents:
         dataset = data.ControlNetDataset(rows, columns, transform, buckets=buckets)
-        groups = _latent_groups(buckets, len(rows))
-        slots = np.zeros((len(rows), 2), dtype=np.int64)
-        for group, indices in enumerate(groups):
-            subset = torch.utils.data.Subset(dataset, indices)
-            mean, std = _encode_latents(models, subset, args.train_batch_size, args.dataloader_num_workers)
-            _write(partial, f"latent_mean_{group}", mean)
-            _write(partial, f"latent_std_{group}", std)
-            slots[indices] = [(group, position) for position in range(len(indices))]
-        _write(partial, "latent_slots", slots)
+        _write_latents(team.folder, team, args, models, dataset, pieces)
+    accelerator.wait_for_everyone()
+    if not (team.build and team.member == 0):
+        return
+    if args.cache_latents:
+        _write(team.folder, "latent_slots", _slots(pieces, len(rows)))
     if args.cache_text_embeddings:
-        captions = _captions(rows, columns.caption)
-        # Index 0 is the empty prompt that dropout swaps in; each distinct caption is encoded once.
-        table = [""] + sorted({c for options in captions for c in options} - {""})
-        position = {caption: i for i, caption in enumerate(table)}
-        hidden, pooled = _encode_texts(models, family, table)
-        _write(partial, "text_hidden", hidden)
-        if pooled is not None:
-            _write(partial, "text_pooled", pooled)
-        ids = [[position[c] for c in options] for options in captions]
-        (partial / "caption_ids.json").write_text(json.dumps(ids))
-    files = sorted(path.name for path in partial.iterdir())
-    (partial / COMPLETE).write_text(json.dumps({"rows": len(rows), "version": CACHE_VERSION, "files": files}))
-    _publish(partial, directory)
+        _write_texts(team.folder, family, models, _captions(rows, columns.caption))
+    files = sorted(path.name for path in team.folder.iterdir())
+    (team.folder / COMPLETE).write_text(json.dumps({"rows": len(rows), "version": CACHE_VERSION, "files": files}))
+    _publish(team.folder, directory)
 
 
-def _partial_name(directory: Path) -> Path:
-    """Where this process builds the cache: two runs that build the same cache at once (or two
-    nodes on one shared disk) each write their own folder, so neither deletes the other's work."""
-    return directory.with_name(f"{directory.name}.partial-{socket.gethostname()}-{os.getpid()}")
+def _partial_name(directory: Path, lead_pid: int) -> Path:
+    """Where a team builds the cache: two runs that build the same cache at once (or two
+    machines on one shared disk) each write their own folder, so neither deletes the other's work."""
+    return directory.with_name(f"{directory.name}.partial-{socket.gethostname()}-{lead_pid}")
 
 
 def _remove_abandoned_builds(directory: Path) -> None:
@@ -285,27 +338,20 @@ def prepare_cache(
     transform: data.PairedTransform,
     buckets: Sequence[Bucket] | None = None,
 ) -> EmbeddingCache | None:
-    """The cache for this run: built once by the main process, then loaded by every process.
+    """The cache for this run: built by each machine's processes together unless complete,
+    then memory-mapped by every process. As all of them work on the build, none waits at a
+    barrier for the length of a build (NCCL gives up on a barrier after 10 minutes).
 
     ``buckets`` are the rows' aspect-ratio buckets, if any: latents are then stored per bucket.
     """
     if not (args.cache_latents or args.cache_text_embeddings):
         return None
     directory = cache_root(args) / cache_key(args, family, rows, transform)
-
-    def build_or_reuse() -> None:
-        if is_complete(directory):
-            logger.info("Reusing the embeddings cached in %s", directory)
-        else:
-            logger.info("Caching embeddings of %d rows in %s", len(rows), directory)
-            build(directory, args, family, models, rows, transform, buckets)
-
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            build_or_reuse()
-    # Nodes that share the main process's disk find its cache; a node with a disk of its own
-    # (a default ~/.cache on each machine) builds its copy, once, in its first process.
-    with accelerator.local_main_process_first():
-        if accelerator.is_local_main_process and not accelerator.is_main_process:
-            build_or_reuse()
+    # Each machine's processes share the work of its copy: on a disk of its own (the default
+    # ~/.cache), every machine needs one; on a shared disk, the first copy finished is kept.
+    team = machine_team(accelerator, directory)
+    if not team.build and team.member == 0:
+        logger.info("Reusing the embeddings cached in %s", directory)
+    build(accelerator, team, directory, args, family, models, rows, transform, buckets)
+    accelerator.wait_for_everyone()  # every machine's copy is in place
     return load(directory)

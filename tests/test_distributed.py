@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -213,6 +214,42 @@ def test_validation_on_the_main_process_does_not_stall_the_other_rank(two_proces
     assert two_process_run["stderr"].count("Running validation at step 2\n") == 1
 
 
+# Records how many rows each rank's VAE encodes, then runs the real entry point.
+ENCODE_PROBE = """\
+import os, sys
+from accelerate.state import PartialState
+from diffusers import AutoencoderKL
+from controlnet_trainer import cli
+
+_encode = AutoencoderKL.encode
+
+def _recorded(self, pixels, *args, **kwargs):
+    with open(os.path.join(os.environ["PROBE_DIR"], f"encoded{PartialState().process_index}"), "a") as handle:
+        handle.write(f"{pixels.shape[0]}\\n")
+    return _encode(self, pixels, *args, **kwargs)
+
+AutoencoderKL.encode = _recorded
+sys.argv[0] = "train_controlnet.py"
+cli.main()
+"""
+
+
+def test_two_processes_share_the_cache_build_and_train_as_without_it(assets, tmp_path, two_process_run):
+    probe_script, probe_dir, cache_root = tmp_path / "probe.py", tmp_path / "probe", tmp_path / "cache"
+    probe_script.write_text(ENCODE_PROBE)
+    probe_dir.mkdir()
+    cached = {"cache_latents": True, "cache_text_embeddings": True, "embeddings_cache_dir": cache_root}
+    argv = train_argv(assets, tmp_path / "out", train_batch_size=2, **flags(assets), **cached)
+    launch_two(probe_script, argv, PROBE_DIR=str(probe_dir))
+    encoded = [sum(map(int, (probe_dir / f"encoded{rank}").read_text().split())) for rank in (0, 1)]
+    assert encoded == [12, 12], f"rows encoded by each rank: {encoded}"
+    (folder,) = [p for p in cache_root.iterdir() if (p / "complete.json").exists()]
+    assert [np.load(folder / f"latent_mean_{piece}.npy").shape[0] for piece in (0, 1)] == [12, 12]
+    # The rows' latents come back from the right pieces: the same losses as the uncached run.
+    with_cache = [r["loss"] for r in metrics(tmp_path / "out")]
+    assert with_cache == pytest.approx([r["loss"] for r in metrics(two_process_run["output_dir"])], rel=1e-5)
+
+
 def test_stop_and_resume_in_two_processes_matches_the_uninterrupted_run(assets, tmp_path, two_process_run):
     output_dir = tmp_path / "out"
     argv = train_argv(assets, output_dir, train_batch_size=2, **flags(assets))
@@ -263,20 +300,21 @@ def two_machines(argv: list[str], homes: tuple[Path, Path]) -> list[str]:
     return [machine.stderr for machine in done]
 
 
-def test_each_machine_builds_the_embeddings_cache_once_unless_the_disk_is_shared(assets, tmp_path):
-    """The cache's default folder is under HF_HOME, which is on each machine's own disk. The
-    second machine's first process builds its own copy (before, its ranks found no cache and
-    failed); with a shared HF_HOME it reuses the main machine's. Both train the same weights."""
+def test_each_machine_builds_its_copy_of_the_embeddings_cache(assets, tmp_path):
+    """The cache's default folder is under HF_HOME, on each machine's own disk: each machine's
+    processes build its copy (before, the second machine's ranks found no cache and failed).
+    On a shared disk both machines build at once, the first copy finished is kept, and the
+    other machine's build folder is removed. Both runs train the same weights."""
     common = {"train_batch_size": 2, "max_train_steps": 3, "cache_latents": True, "cache_text_embeddings": True}
     own_homes = (tmp_path / "home0", tmp_path / "home1")
     own = two_machines(train_argv(assets, tmp_path / "own", **common), own_homes)
     for log, home in zip(own, own_homes, strict=True):
         assert f"Caching embeddings of 24 rows in {home}" in log
         assert len(list((home / "controlnet_trainer").glob("*/complete.json"))) == 1
-    shared_home = tmp_path / "shared"
-    main, second = two_machines(train_argv(assets, tmp_path / "shared-run", **common), (shared_home, shared_home))
-    assert "Caching embeddings" in main and "Reusing the embeddings cached" in second
-    assert "Caching embeddings" not in second
+    shared = tmp_path / "shared"
+    logs = two_machines(train_argv(assets, tmp_path / "shared-run", **common), (shared, shared))
+    assert sum("first; using its copy" in log for log in logs) == 1
+    assert len(list((shared / "controlnet_trainer").iterdir())) == 1  # one copy, no build folder left
     a, b = load_file(tmp_path / "own" / WEIGHTS), load_file(tmp_path / "shared-run" / WEIGHTS)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
