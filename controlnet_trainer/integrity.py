@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 import datasets
 import torch
@@ -48,18 +49,20 @@ def _load(value) -> Image.Image:
 
 
 class _RowCheck(torch.utils.data.Dataset):
-    """Per row: the problems found and whether its image is below the resolution."""
+    """Per row of ``indices``: the problems found and whether its image is below the resolution."""
 
-    def __init__(self, rows: datasets.Dataset, columns: Columns, resolution: int):
+    def __init__(self, rows: datasets.Dataset, columns: Columns, resolution: int, indices: Sequence[int]):
         # Undecoded, so a corrupt file is our error to report, not a crash.
         self.rows = undecoded(rows, [columns.image, columns.conditioning_image])
         self.columns = columns
         self.resolution = resolution
+        self.indices = indices
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[list[Problem], bool]:
+    def __getitem__(self, position: int) -> tuple[list[Problem], bool]:
+        index = self.indices[position]
         row = self.rows[index]
         problems, small = [], False
         for column in (self.columns.image, self.columns.conditioning_image):
@@ -73,14 +76,30 @@ class _RowCheck(torch.utils.data.Dataset):
         return problems, small
 
 
-def scan_images(rows: datasets.Dataset, columns: Columns, *, resolution: int, num_workers: int) -> ScanReport:
-    logger.info("Checking that the images of %d rows open", len(rows))
-    loader = torch.utils.data.DataLoader(_RowCheck(rows, columns, resolution), batch_size=None, num_workers=num_workers)
+def scan_images(
+    rows: datasets.Dataset,
+    columns: Columns,
+    *,
+    resolution: int,
+    num_workers: int,
+    indices: Sequence[int] | None = None,
+) -> ScanReport:
+    """Open the images of ``indices`` (every row by default); problems name rows of ``rows``."""
+    indices = range(len(rows)) if indices is None else indices
+    logger.info("Checking that the images of %d rows open", len(indices))
+    check = _RowCheck(rows, columns, resolution, indices)
+    loader = torch.utils.data.DataLoader(check, batch_size=None, num_workers=num_workers)
     problems, small = [], 0
     for found, is_small in loader:
         problems.extend(found)
         small += int(is_small)
     return ScanReport(tuple(problems), small)
+
+
+def merge(reports: Sequence[ScanReport]) -> ScanReport:
+    """One report from the reports of the processes that each scanned a share of the rows."""
+    problems = sorted((p for report in reports for p in report.problems), key=lambda p: p.row)
+    return ScanReport(tuple(problems), sum(report.small_images for report in reports))
 
 
 def apply_scan(rows: datasets.Dataset, report: ScanReport, *, skip_bad: bool, resolution: int) -> datasets.Dataset:

@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -248,6 +249,23 @@ def test_two_processes_share_the_cache_build_and_train_as_without_it(assets, tmp
     # The rows' latents come back from the right pieces: the same losses as the uncached run.
     with_cache = [r["loss"] for r in metrics(tmp_path / "out")]
     assert with_cache == pytest.approx([r["loss"] for r in metrics(two_process_run["output_dir"])], rel=1e-5)
+
+
+def test_two_processes_share_the_image_scan_and_skip_the_same_rows(assets, tmp_path):
+    """Each rank opens half the images; both learn of every bad row, whichever rank found it."""
+    import datasets
+
+    rows = datasets.load_dataset(str(assets["fill"]))["train"].cast_column("image", datasets.Image(decode=False))
+    garbage = {"bytes": b"garbage", "path": None}
+    broken = rows.map(lambda row, i: {"image": garbage if i in (3, 6) else row["image"]}, with_indices=True)
+    broken.to_parquet(tmp_path / "data" / "data" / "train-00000-of-00001.parquet")
+    argv = train_argv(assets, tmp_path / "out", dataset_name=tmp_path / "data", skip_bad_images=True, dry_run=True)
+    done = launch_two(ROOT / "train_controlnet.py", argv)
+    assert done.stderr.count("Checking that the images of 12 rows open") == 2
+    # Row 3 is rank 1's to open and row 6 rank 0's; each rank reports both.
+    assert done.stderr.count("skipping 2 row(s) with unreadable images (first: row 3") == 2
+    planned = re.findall(r'"num_samples": (\d+)', done.stdout)
+    assert planned and set(planned) == {"22"}, done.stdout
 
 
 def test_stop_and_resume_in_two_processes_matches_the_uninterrupted_run(assets, tmp_path, two_process_run):
