@@ -391,6 +391,18 @@ def _sdxl_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--enable_npu_flash_attention", action="store_true", help="Use NPU flash attention.")
 
 
+def _processes_group(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("several processes")
+    group.add_argument(
+        "--ddp_timeout",
+        type=int,
+        default=1800,
+        help="Seconds a process waits for the others at a collective before the run fails (as in "
+        "transformers' Trainer; NCCL's own default is 600). Raise it when the main process must "
+        "first download or prepare a large dataset.",
+    )
+
+
 def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     """The one parser; ``sdxl`` adds the SDXL group and diffusers' SDXL defaults."""
     parser = argparse.ArgumentParser(
@@ -403,6 +415,7 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     _schedule_group(parser, 1024 if sdxl else 512)
     _checkpoint_group(parser)
     _speed_group(parser)
+    _processes_group(parser)
     _data_group(parser)
     _validation_group(parser)
     _hub_group(parser)
@@ -510,6 +523,7 @@ def _check_positive(args: argparse.Namespace) -> None:
         "fidelity_timesteps",
         "logging_steps",
         "shuffle_buffer_size",
+        "ddp_timeout",
     ):
         value = getattr(args, name)
         if value < 1:

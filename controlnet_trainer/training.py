@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import itertools
 import logging
 import math
@@ -19,6 +20,7 @@ from accelerate.logging import get_logger
 from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedType,
+    InitProcessGroupKwargs,
     ProjectConfiguration,
     broadcast_object_list,
     gather_object,
@@ -194,6 +196,8 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
         # Pinned batches copied without waiting: the next step's inputs can go over while the
         # GPU still works on this one (the loader pins memory on CUDA).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
+        # Other processes wait while the main one loads a dataset (a download, on first use).
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
     )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

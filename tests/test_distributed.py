@@ -268,6 +268,35 @@ def test_two_processes_share_the_image_scan_and_skip_the_same_rows(assets, tmp_p
     assert planned and set(planned) == {"22"}, done.stdout
 
 
+# Rank 0 takes 8 s to load the dataset (as a first download would), then the real entry point runs.
+SLOW_LOAD = """\
+import sys, time
+from accelerate.state import PartialState
+from controlnet_trainer import cli, data
+
+_load = data.load_train_dataset
+
+def _slow(args):
+    if PartialState().process_index == 0:
+        time.sleep(8)
+    return _load(args)
+
+data.load_train_dataset = _slow
+sys.argv[0] = "train_controlnet.py"
+cli.main()
+"""
+
+
+def test_ddp_timeout_is_how_long_ranks_wait_for_each_other(assets, tmp_path):
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_LOAD)
+    argv = train_argv(assets, tmp_path / "out", dry_run=True)
+    waited = launch_two(script, [*argv, "--ddp_timeout=60"])
+    assert '"num_processes": 2' in waited.stdout
+    short = wait_two(start_two(script, [*argv, "--ddp_timeout=2"]), check=False)
+    assert short.returncode != 0 and "timed out" in short.stderr.lower(), short.stderr[-3000:]
+
+
 def test_stop_and_resume_in_two_processes_matches_the_uninterrupted_run(assets, tmp_path, two_process_run):
     output_dir = tmp_path / "out"
     argv = train_argv(assets, output_dir, train_batch_size=2, **flags(assets))
