@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import datasets
@@ -30,6 +30,7 @@ from huggingface_hub import constants as hub_constants
 
 from . import data
 from .buckets import Bucket
+from .errors import InputError
 from .family import ModelFamily, TextConditioning
 from .models import Models
 
@@ -152,6 +153,55 @@ def _encode_texts(models: Models, family: ModelFamily, prompts: list[str]) -> tu
     return np.concatenate(hidden), (np.concatenate(pooled) if pooled else None)
 
 
+class CacheError(InputError):
+    """The cache cannot be built where it should live."""
+
+
+def cache_bytes(
+    args: argparse.Namespace,
+    family: ModelFamily,
+    models: Models,
+    rows: datasets.Dataset,
+    transform: data.PairedTransform,
+    buckets: Sequence[Bucket] | None,
+) -> tuple[int, int]:
+    """(latent bytes, text bytes) the cache will take on disk, from the shapes the models give."""
+    latent = 0
+    if args.cache_latents:
+        factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+        channels = models.vae.config.latent_channels
+        shapes = buckets or [(transform.resolution, transform.resolution)] * len(rows)
+        # Mean and standard deviation, fp32.
+        latent = sum(2 * channels * (height // factor) * (width // factor) * 4 for height, width in shapes)
+    text = 0
+    if args.cache_text_embeddings:
+        captions = {c for options in _captions(rows, data.columns_from_args(args).caption) for c in options}
+        with torch.no_grad():
+            empty = family.encode(models.tokenizers, models.text_encoders, [""])
+        per_caption = empty.encoder_hidden_states[0].numel() + (0 if empty.pooled is None else empty.pooled[0].numel())
+        text = (len(captions - {""}) + 1) * per_caption * 4
+    return latent, text
+
+
+def check_room(folder: Path, latent: int, text: int) -> str | None:
+    """Why the cache cannot be written under ``folder``, or None if the disk has room for it."""
+    parent = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(parent).free
+    if latent + text <= free:
+        return None
+    larger = "--cache_text_embeddings" if text > latent else "--cache_latents"
+    return (
+        f"The embeddings cache needs about {_gib(latent + text)} in {folder} ({_gib(latent)} of image "
+        f"latents, {_gib(text)} of caption embeddings), but that disk has only {_gib(free)} free. "
+        f"Free some space, point --embeddings_cache_dir at a disk with room, or drop {larger}, "
+        "the larger part, to compute that part at every step instead."
+    )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
 @dataclasses.dataclass(frozen=True)
 class Team:
     """The processes of one machine, which build that machine's copy of the cache together."""
@@ -162,14 +212,22 @@ class Team:
     folder: Path  # where the team builds: named after the lead, so every member writes there
 
 
-def machine_team(accelerator: Accelerator, directory: Path) -> Team:
+def machine_team(accelerator: Accelerator, directory: Path, sizes: Callable[[], tuple[int, int]]) -> Team:
     """This process's team. Launchers number ranks machine by machine, so a machine's lead is the
     rank its local rank 0 has. Only leads look at the disk; the gather gives every member its
-    lead's answer (members that looked for themselves could disagree while another run publishes)."""
+    lead's answer (members that looked for themselves could disagree while another run publishes).
+    If a lead finds no room for the build (``sizes``: its bytes), every process raises its error."""
     lead = accelerator.process_index - accelerator.local_process_index
-    mine = (lead, os.getpid(), not is_complete(directory) if accelerator.is_local_main_process else None)
+    build, problem = None, None
+    if accelerator.is_local_main_process:
+        build = not is_complete(directory)
+        problem = check_room(directory.parent, *sizes()) if build else None
+    mine = (lead, os.getpid(), build, problem)
     table = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
-    _, lead_pid, build = table[lead]
+    problem = next((row[3] for row in table if row[3] is not None), None)
+    if problem is not None:
+        raise CacheError(problem)
+    _, lead_pid, build, _ = table[lead]
     size = sum(1 for row in table if row[0] == lead)
     return Team(accelerator.local_process_index, size, build, _partial_name(directory, lead_pid))
 
@@ -349,7 +407,7 @@ def prepare_cache(
     directory = cache_root(args) / cache_key(args, family, rows, transform)
     # Each machine's processes share the work of its copy: on a disk of its own (the default
     # ~/.cache), every machine needs one; on a shared disk, the first copy finished is kept.
-    team = machine_team(accelerator, directory)
+    team = machine_team(accelerator, directory, lambda: cache_bytes(args, family, models, rows, transform, buckets))
     if not team.build and team.member == 0:
         logger.info("Reusing the embeddings cached in %s", directory)
     build(accelerator, team, directory, args, family, models, rows, transform, buckets)

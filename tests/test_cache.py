@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,3 +153,32 @@ def test_a_damaged_cache_is_rebuilt_and_abandoned_builds_are_removed(assets, tmp
     assert (cache_root / key / "latent_std_0.npy").exists()
     assert not abandoned.exists() and running.exists()
     assert losses(tmp_path / "b") == losses(tmp_path / "a")
+
+
+def test_cache_size_is_estimated_before_building_and_a_full_disk_stops_the_run_first(assets, tmp_path, monkeypatch):
+    """The estimate matches what a build writes; with less room than that, the run stops with
+    the sizes and the fixes before encoding anything, and a finished cache is still reused."""
+    from controlnet_trainer import cache
+
+    estimates = []
+    real_estimate = cache.cache_bytes
+    monkeypatch.setattr(cache, "cache_bytes", lambda *a: estimates.append(real_estimate(*a)) or estimates[-1])
+    cache_root = tmp_path / "cache"
+    common = dict(max_train_steps=1, embeddings_cache_dir=cache_root, **CACHE_FLAGS)
+    run(train_argv(assets, tmp_path / "a", **common))
+    (key,) = cache_dirs(cache_root)
+    written = {p.name: p.stat().st_size for p in (cache_root / key).iterdir()}
+    latents = sum(size for name, size in written.items() if name.startswith(("latent_mean", "latent_std")))
+    texts = written["text_hidden.npy"]
+    (estimate,) = estimates
+    # The files add a 128-byte .npy header each.
+    assert estimate == (latents - 256, texts - 128)
+
+    full_disk = shutil.disk_usage(tmp_path)._replace(free=1024)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full_disk)
+    with pytest.raises(
+        cache.CacheError, match=r"needs about .* GiB in .*--embeddings_cache_dir.*--cache_text_embeddings"
+    ):
+        run(train_argv(assets, tmp_path / "b", **(common | {"resolution": 32})))
+    assert cache_dirs(cache_root) == {key} and len(list(cache_root.iterdir())) == 1  # nothing written
+    run(train_argv(assets, tmp_path / "c", **common))  # reused: nothing to write
