@@ -59,7 +59,11 @@ def _weights_signature(path: str) -> str | list:
 
 
 def cache_key(
-    args: argparse.Namespace, family: ModelFamily, rows: datasets.Dataset, transform: data.PairedTransform
+    args: argparse.Namespace,
+    family: ModelFamily,
+    models: Models,
+    rows: datasets.Dataset,
+    transform: data.PairedTransform,
 ) -> str:
     """A hash of everything the cached tensors depend on."""
     vae = getattr(args, "pretrained_vae_model_name_or_path", None)
@@ -78,6 +82,8 @@ def cache_key(
         # Rows are assigned to buckets from their sizes and the resolution, both keyed above.
         "aspect_ratio_buckets": bool(getattr(args, "aspect_ratio_buckets", False)),
         "text": bool(args.cache_text_embeddings),
+        # The encoders run in the mixed-precision dtype: a bf16 run's cache is not an fp32 run's.
+        "dtypes": [str(models.vae.dtype), *(str(encoder.dtype) for encoder in models.text_encoders)],
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -404,7 +410,7 @@ def prepare_cache(
     """
     if not (args.cache_latents or args.cache_text_embeddings):
         return None
-    directory = cache_root(args) / cache_key(args, family, rows, transform)
+    directory = cache_root(args) / cache_key(args, family, models, rows, transform)
     # Each machine's processes share the work of its copy: on a disk of its own (the default
     # ~/.cache), every machine needs one; on a shared disk, the first copy finished is kept.
     team = machine_team(accelerator, directory, lambda: cache_bytes(args, family, models, rows, transform, buckets))

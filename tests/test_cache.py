@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from conftest import ROOT, script_env, straight_and_resumed, train_argv
 from safetensors.torch import load_file
 
@@ -57,7 +58,9 @@ def test_cache_is_reused_and_invalidated(assets, tmp_path):
     assert (cache_root / first / "latent_mean_0.npy").stat().st_mtime_ns == stamp  # reused, not rebuilt
     run(train_argv(assets, tmp_path / "c", resolution=32, **common))
     run(train_argv(assets, tmp_path / "d", max_train_samples=12, **common))
-    assert len(cache_dirs(cache_root)) == 3  # resolution and data each key their own cache
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new precision needs a new state
+    run(train_argv(assets, tmp_path / "e", mixed_precision="bf16", **common))
+    assert len(cache_dirs(cache_root)) == 4  # resolution, data and the encoders' dtype key their own
     mean = np.load(cache_root / first / "latent_mean_0.npy")
     assert mean.shape == (24, 4, 8, 8)
 
