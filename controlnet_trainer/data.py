@@ -221,29 +221,36 @@ def make_sample(
     return sample
 
 
-def assign_buckets(rows: datasets.Dataset, args: argparse.Namespace) -> list[Bucket]:
-    """Each row's aspect-ratio bucket (--aspect_ratio_buckets), from its image's size."""
+def assign_buckets(
+    rows: datasets.Dataset, args: argparse.Namespace, indices: Sequence[int] | None = None
+) -> list[Bucket]:
+    """The aspect-ratio bucket (--aspect_ratio_buckets) of each row of ``indices`` (all by
+    default), from its image's size."""
     choices = make_buckets(args.resolution)
-    sizes = image_sizes(rows, args.image_column, num_workers=args.dataloader_num_workers)
+    sizes = image_sizes(rows, args.image_column, num_workers=args.dataloader_num_workers, indices=indices)
     return [nearest_bucket(height, width, choices) for height, width in sizes]
 
 
-def image_sizes(rows: datasets.Dataset, column: str, *, num_workers: int) -> list[tuple[int, int]]:
-    """(height, width) of every row's image, read from the file headers only."""
-    loader = torch.utils.data.DataLoader(_ImageSizes(rows, column), batch_size=None, num_workers=num_workers)
+def image_sizes(
+    rows: datasets.Dataset, column: str, *, num_workers: int, indices: Sequence[int] | None = None
+) -> list[tuple[int, int]]:
+    """(height, width) of the image of each row of ``indices`` (all by default), from the headers."""
+    indices = range(len(rows)) if indices is None else indices
+    loader = torch.utils.data.DataLoader(_ImageSizes(rows, column, indices), batch_size=None, num_workers=num_workers)
     return [tuple(size) for size in loader]
 
 
 class _ImageSizes(torch.utils.data.Dataset):
-    def __init__(self, rows: datasets.Dataset, column: str):
+    def __init__(self, rows: datasets.Dataset, column: str, indices: Sequence[int]):
         self.rows = undecoded(rows, [column]).select_columns([column])
         self.column = column
+        self.indices = indices
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.indices)
 
-    def __getitem__(self, index: int) -> tuple[int, int]:
-        image = open_image(self.rows[index][self.column])  # lazy: PIL reads the header only
+    def __getitem__(self, position: int) -> tuple[int, int]:
+        image = open_image(self.rows[self.indices[position]][self.column])  # lazy: PIL reads the header only
         return image.height, image.width
 
 

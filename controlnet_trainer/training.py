@@ -280,9 +280,11 @@ def bucket_sampler(accelerator: Accelerator, args: argparse.Namespace, rows, see
     """With --aspect_ratio_buckets, batches drawn from one bucket each; otherwise None."""
     if not args.aspect_ratio_buckets:
         return None
-    # One process reads the image headers and tells the others.
-    assigned = [data.assign_buckets(rows, args) if accelerator.is_main_process else None]
-    assigned = broadcast_object_list(assigned)[0]
+    # Each process reads every n-th image header; all get every row's bucket.
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    mine = data.assign_buckets(rows, args, indices=range(rank, len(rows), processes))
+    shares = gather_object([mine]) if processes > 1 else [mine]
+    assigned = [shares[index % processes][index // processes] for index in range(len(rows))]
     logger.info("Aspect-ratio buckets (height, width): samples: %s", buckets.summarize(assigned))
     return buckets.BucketBatchSampler(assigned, args.train_batch_size, seed)
 

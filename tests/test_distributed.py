@@ -297,6 +297,29 @@ def test_ddp_timeout_is_how_long_ranks_wait_for_each_other(assets, tmp_path):
     assert short.returncode != 0 and "timed out" in short.stderr.lower(), short.stderr[-3000:]
 
 
+def test_two_processes_share_the_bucket_scan_and_draw_batches_of_one_bucket(assets, tmp_path):
+    """Each rank reads half the image headers; every rank's batches still hold rows of one true
+    bucket (the buckets one process assigns), so the shares were put back in row order."""
+    import datasets
+
+    from controlnet_trainer import data
+    from controlnet_trainer.arguments import parse_args
+
+    shapes = fixtures.build_fill_dataset(tmp_path / "fill", num_rows=16, size=128, aspect_ratios=(2.0, 0.5))
+    probe_script, probe_dir = tmp_path / "probe.py", tmp_path / "probe"
+    probe_script.write_text(PROBE)
+    probe_dir.mkdir()
+    flags = {"dataset_name": shapes, "resolution": 128, "aspect_ratio_buckets": True, "train_batch_size": 2}
+    argv = train_argv(assets, tmp_path / "out", max_train_steps=3, **flags)
+    launch_two(probe_script, argv, PROBE_DIR=str(probe_dir))
+    rows = datasets.load_dataset(str(shapes))["train"]
+    truth = data.assign_buckets(rows, parse_args(train_argv(assets, tmp_path / "x", **flags)))
+    assert len(set(truth)) == 2
+    batches = read_probe(probe_dir, 0) + read_probe(probe_dir, 1)
+    assert len(batches) == 6
+    assert all(len({truth[index] for index in batch}) == 1 for batch in batches), batches
+
+
 def test_stop_and_resume_in_two_processes_matches_the_uninterrupted_run(assets, tmp_path, two_process_run):
     output_dir = tmp_path / "out"
     argv = train_argv(assets, output_dir, train_batch_size=2, **flags(assets))
