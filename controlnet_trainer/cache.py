@@ -107,19 +107,34 @@ class EmbeddingCache:
         group, position = self.latent_slots[index].tolist()
         device = generator.device
         rows = [position]  # a list index copies out of the read-only memory map
-        mean = torch.from_numpy(self.latent_means[group][rows]).to(device, non_blocking=True)
-        std = torch.from_numpy(self.latent_stds[group][rows]).to(device, non_blocking=True)
+        mean = _tensor(self.latent_means[group][rows]).to(device, non_blocking=True).float()
+        std = _tensor(self.latent_stds[group][rows]).to(device, non_blocking=True).float()
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
         return (mean + std * noise) * scaling_factor
 
     def text(self, indices: list[int], picks: list[int], device: torch.device) -> TextConditioning:
         """Embeddings of the chosen captions; -1 (dropped) takes the empty prompt's."""
         ids = [0 if pick < 0 else self.caption_ids[row][pick] for row, pick in zip(indices, picks)]
-        hidden = torch.from_numpy(self.text_hidden[ids]).to(device, non_blocking=True)
+        hidden = _tensor(self.text_hidden[ids]).to(device, non_blocking=True).float()
         pooled = None
         if self.text_pooled is not None:
-            pooled = torch.from_numpy(self.text_pooled[ids]).to(device, non_blocking=True)
+            pooled = _tensor(self.text_pooled[ids]).to(device, non_blocking=True).float()
         return TextConditioning(hidden, pooled)
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as stored: in the dtype the encoder computed it in, so a bf16 or fp16 run's cache
+    takes half the disk at no loss. numpy has no bfloat16, so bf16 is stored as its 16 bits."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy()
+    return tensor.numpy()
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """The stored array as a tensor: int16 arrays hold bf16 bits (nothing else is int16)."""
+    tensor = torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if tensor.dtype == torch.int16 else tensor
 
 
 def _captions(rows: datasets.Dataset, column: str) -> list[list[str]]:
@@ -143,8 +158,8 @@ def _encode_latents(
     for batch in loader:
         pixels = batch["pixel_values"].to(models.vae.device, models.vae.dtype)
         posterior = models.vae.encode(pixels).latent_dist
-        means.append(posterior.mean.float().cpu().numpy())
-        stds.append(posterior.std.float().cpu().numpy())
+        means.append(_array(posterior.mean))
+        stds.append(_array(posterior.std))
     return np.concatenate(means), np.concatenate(stds)
 
 
@@ -153,9 +168,9 @@ def _encode_texts(models: Models, family: ModelFamily, prompts: list[str]) -> tu
     hidden, pooled = [], []
     for start in range(0, len(prompts), _TEXT_BATCH):
         text = family.encode(models.tokenizers, models.text_encoders, prompts[start : start + _TEXT_BATCH])
-        hidden.append(text.encoder_hidden_states.float().cpu().numpy())
+        hidden.append(_array(text.encoder_hidden_states))
         if text.pooled is not None:
-            pooled.append(text.pooled.float().cpu().numpy())
+            pooled.append(_array(text.pooled))
     return np.concatenate(hidden), (np.concatenate(pooled) if pooled else None)
 
 
@@ -177,15 +192,16 @@ def cache_bytes(
         factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         channels = models.vae.config.latent_channels
         shapes = buckets or [(transform.resolution, transform.resolution)] * len(rows)
-        # Mean and standard deviation, fp32.
-        latent = sum(2 * channels * (height // factor) * (width // factor) * 4 for height, width in shapes)
+        # Mean and standard deviation, stored in the VAE's dtype.
+        itemsize = models.vae.dtype.itemsize
+        latent = sum(2 * channels * (height // factor) * (width // factor) * itemsize for height, width in shapes)
     text = 0
     if args.cache_text_embeddings:
         captions = {c for options in _captions(rows, data.columns_from_args(args).caption) for c in options}
         with torch.no_grad():
             empty = family.encode(models.tokenizers, models.text_encoders, [""])
         per_caption = empty.encoder_hidden_states[0].numel() + (0 if empty.pooled is None else empty.pooled[0].numel())
-        text = (len(captions - {""}) + 1) * per_caption * 4
+        text = (len(captions - {""}) + 1) * per_caption * empty.encoder_hidden_states.element_size()
     return latent, text
 
 
