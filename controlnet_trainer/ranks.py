@@ -6,16 +6,19 @@ host wait for every step queued before it. Over the host the question costs one 
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 
 
-def host_group(num_processes: int):
+def host_group(num_processes: int, timeout: datetime.timedelta | None = None):
     """A gloo group of all ranks, or None in one process (or without torch.distributed, as on
-    XLA). Every rank must call this at the same point: creating a group is collective."""
+    XLA). Every rank must call this at the same point: creating a group is collective.
+    ``timeout`` is how long a rank waits for the others in it (gloo's default: 30 minutes)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if num_processes == 1 or not distributed:
         return None
-    return torch.distributed.new_group(backend="gloo")
+    return torch.distributed.new_group(backend="gloo", timeout=timeout)
 
 
 def any_rank(flag: bool, group) -> bool:

@@ -127,7 +127,8 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     )
     ema = make_ema(args, models.controlnet, accelerator.device)
     checkpointing.register_model_hooks(accelerator, ema)
-    host_group = ranks.host_group(accelerator.num_processes)  # the ranks' per-step agreements
+    # The ranks' per-step agreements; it waits as long as the main group (--ddp_timeout).
+    host_group = ranks.host_group(accelerator.num_processes, datetime.timedelta(seconds=args.ddp_timeout))
     if args.streaming:
         batches = stream_batches(accelerator, args, rows, transform, seed, host_group)
         models.controlnet, optimizer, lr_scheduler = accelerator.prepare(models.controlnet, optimizer, lr_scheduler)

@@ -320,6 +320,40 @@ def test_two_processes_share_the_bucket_scan_and_draw_batches_of_one_bucket(asse
     assert all(len({truth[index] for index in batch}) == 1 for batch in batches), batches
 
 
+# Two gloo ranks and their host group with a 3 s timeout; rank 0 reaches the agreement 10 s late.
+LATE_RANK = """\
+import datetime, os, sys, time
+import torch
+from controlnet_trainer import ranks
+
+rank = int(sys.argv[1])
+torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}", rank=rank, world_size=2)
+group = ranks.host_group(2, datetime.timedelta(seconds=3))
+if rank == 0:
+    time.sleep(10)
+try:
+    ranks.any_rank(False, group)
+    print("agreed")
+except RuntimeError as error:
+    print("gave up:", error)
+"""
+
+
+def test_the_host_group_waits_no_longer_than_its_timeout(tmp_path):
+    """The per-step agreements wait as long as --ddp_timeout says, not gloo's own 30 minutes."""
+    script = tmp_path / "late.py"
+    script.write_text(LATE_RANK)
+    port = str(free_port())
+    ranks_ = [
+        subprocess.Popen([sys.executable, str(script), str(rank), port], env=script_env(), stdout=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]  # fmt: skip
+    on_time = ranks_[1].communicate(timeout=120)[0]
+    ranks_[0].communicate(timeout=120)
+    # Without the timeout, rank 1 would wait the 10 s and agree.
+    assert "gave up" in on_time and "Timed out waiting 3000ms" in on_time, on_time
+
+
 def test_stop_and_resume_in_two_processes_matches_the_uninterrupted_run(assets, tmp_path, two_process_run):
     output_dir = tmp_path / "out"
     argv = train_argv(assets, output_dir, train_batch_size=2, **flags(assets))
