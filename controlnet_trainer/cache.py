@@ -245,7 +245,7 @@ def machine_team(accelerator: Accelerator, directory: Path, sizes: Callable[[], 
         build = not is_complete(directory)
         problem = check_room(directory.parent, *sizes()) if build else None
     mine = (lead, os.getpid(), build, problem)
-    table = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    table = gather_object([mine])  # [mine] in one process
     problem = next((row[3] for row in table if row[3] is not None), None)
     if problem is not None:
         raise CacheError(problem)

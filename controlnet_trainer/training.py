@@ -284,7 +284,7 @@ def bucket_sampler(accelerator: Accelerator, args: argparse.Namespace, rows, see
     # Each process reads every n-th image header; all get every row's bucket.
     rank, processes = accelerator.process_index, accelerator.num_processes
     mine = data.assign_buckets(rows, args, indices=range(rank, len(rows), processes))
-    shares = gather_object([mine]) if processes > 1 else [mine]
+    shares = gather_object([mine])  # [mine] in one process
     assigned = [shares[index % processes][index // processes] for index in range(len(rows))]
     logger.info("Aspect-ratio buckets (height, width): samples: %s", buckets.summarize(assigned))
     return buckets.BucketBatchSampler(assigned, args.train_batch_size, seed)
@@ -335,7 +335,7 @@ def checked_rows(accelerator: Accelerator, args: argparse.Namespace, rows):
     mine = integrity.scan_images(
         rows, columns, resolution=args.resolution, num_workers=args.dataloader_num_workers, indices=share
     )
-    reports = gather_object([mine]) if accelerator.num_processes > 1 else [mine]
+    reports = gather_object([mine])  # [mine] in one process
     report = integrity.merge(reports)
     return integrity.apply_scan(rows, report, skip_bad=args.skip_bad_images, resolution=args.resolution)
 
