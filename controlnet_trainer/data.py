@@ -235,22 +235,21 @@ def image_sizes(
     rows: datasets.Dataset, column: str, *, num_workers: int, indices: Sequence[int] | None = None
 ) -> list[tuple[int, int]]:
     """(height, width) of the image of each row of ``indices`` (all by default), from the headers."""
-    indices = range(len(rows)) if indices is None else indices
-    loader = torch.utils.data.DataLoader(_ImageSizes(rows, column, indices), batch_size=None, num_workers=num_workers)
+    sizes = torch.utils.data.Subset(_ImageSizes(rows, column), range(len(rows)) if indices is None else indices)
+    loader = torch.utils.data.DataLoader(sizes, batch_size=None, num_workers=num_workers)
     return [tuple(size) for size in loader]
 
 
 class _ImageSizes(torch.utils.data.Dataset):
-    def __init__(self, rows: datasets.Dataset, column: str, indices: Sequence[int]):
+    def __init__(self, rows: datasets.Dataset, column: str):
         self.rows = undecoded(rows, [column]).select_columns([column])
         self.column = column
-        self.indices = indices
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.rows)
 
-    def __getitem__(self, position: int) -> tuple[int, int]:
-        image = open_image(self.rows[self.indices[position]][self.column])  # lazy: PIL reads the header only
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        image = open_image(self.rows[index][self.column])  # lazy: PIL reads the header only
         return image.height, image.width
 
 

@@ -49,20 +49,18 @@ def _load(value) -> Image.Image:
 
 
 class _RowCheck(torch.utils.data.Dataset):
-    """Per row of ``indices``: the problems found and whether its image is below the resolution."""
+    """Per row: the problems found and whether its image is below the resolution."""
 
-    def __init__(self, rows: datasets.Dataset, columns: Columns, resolution: int, indices: Sequence[int]):
+    def __init__(self, rows: datasets.Dataset, columns: Columns, resolution: int):
         # Undecoded, so a corrupt file is our error to report, not a crash.
         self.rows = undecoded(rows, [columns.image, columns.conditioning_image])
         self.columns = columns
         self.resolution = resolution
-        self.indices = indices
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.rows)
 
-    def __getitem__(self, position: int) -> tuple[list[Problem], bool]:
-        index = self.indices[position]
+    def __getitem__(self, index: int) -> tuple[list[Problem], bool]:
         row = self.rows[index]
         problems, small = [], False
         for column in (self.columns.image, self.columns.conditioning_image):
@@ -87,7 +85,8 @@ def scan_images(
     """Open the images of ``indices`` (every row by default); problems name rows of ``rows``."""
     indices = range(len(rows)) if indices is None else indices
     logger.info("Checking that the images of %d rows open", len(indices))
-    check = _RowCheck(rows, columns, resolution, indices)
+    # A Subset hands _RowCheck the rows' own indices, so problems name rows of ``rows``.
+    check = torch.utils.data.Subset(_RowCheck(rows, columns, resolution), indices)
     loader = torch.utils.data.DataLoader(check, batch_size=None, num_workers=num_workers)
     problems, small = [], 0
     for found, is_small in loader:
