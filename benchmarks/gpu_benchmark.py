@@ -205,6 +205,9 @@ def print_row(row: dict) -> None:
             print(f"    GPU busy {profile['kernel_ms_per_step']:.1f} ms per step; top kernels:", flush=True)
             for kernel, ms in list(profile["top_kernels_ms_per_step"].items())[:12]:
                 print(f"      {ms:7.2f} ms  {kernel[:110]}", flush=True)
+        print("    top operators by input shapes:", flush=True)
+        for operator, ms in list(profile["top_operator_shapes_ms_per_step"].items())[:12]:
+            print(f"      {ms:7.2f} ms  {operator[:150]}", flush=True)
 
 
 def machine() -> str:

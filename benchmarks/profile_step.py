@@ -7,7 +7,9 @@ A hook after every optimizer step advances the profiler's schedule: it skips the
 operators that took the most time (device time on a GPU, CPU time otherwise; each operator's own
 time, so nothing is counted twice) and that time split into kinds of work: matrix products,
 convolutions, attention, normalisation, copies and casts, the optimizer, data loading, Python
-between operators (on the CPU clock), and the rest, which is mostly elementwise work. ``--max_train_steps`` must cover ``--wait`` + 1 + ``--active`` steps.
+between operators (on the CPU clock), and the rest, which is mostly elementwise work. It also
+lists the top operators by input shapes, which names the layer behind an operator such as
+``aten::add_``. ``--max_train_steps`` must cover ``--wait`` + 1 + ``--active`` steps.
 ``gpu_benchmark.py --profile`` runs its cases through this script.
 """
 
@@ -83,6 +85,20 @@ def summarize(events, on_device: bool, steps: int, top: int) -> dict:
     return summary
 
 
+def by_shape(events, on_device: bool, steps: int, top: int) -> dict[str, float]:
+    """Per-step milliseconds of the operators with the most own time, one row per operator and
+    input shapes: which layer launched them. A conv bias add and a grad accumulation are both
+    ``aten::add_``; their shapes ([N, C, H, W] with [1, C, 1, 1], or two equal ones) tell them apart.
+    """
+    per_step = 1e3 * steps
+    rows = [
+        (f"{e.key} {e.input_shapes}", (e.self_device_time_total if on_device else e.self_cpu_time_total) / per_step)
+        for e in events
+        if e.device_type == DeviceType.CPU
+    ]
+    return dict(by_time(rows)[:top])
+
+
 def by_time(items: list[tuple[str, float]]) -> list[tuple[str, float]]:
     return sorted((item for item in items if item[1] > 0), key=lambda item: -item[1])
 
@@ -90,13 +106,17 @@ def by_time(items: list[tuple[str, float]]) -> list[tuple[str, float]]:
 def print_summary(summary: dict) -> None:
     total = summary["ms_per_step"]
     print(f"{summary['clock']} time per step: {total:.1f} ms", flush=True)
-    tables = [("kind", summary["kinds_ms_per_step"]), ("operator", summary["top_operators_ms_per_step"])]
+    tables = [
+        ("kind", summary["kinds_ms_per_step"]),
+        ("operator", summary["top_operators_ms_per_step"]),
+        ("operator and input shapes", summary["top_operator_shapes_ms_per_step"]),
+    ]
     if "top_kernels_ms_per_step" in summary:
         tables.append(("kernel", summary["top_kernels_ms_per_step"]))
     for title, table in tables:
-        print(f"{title:<60}{'ms/step':>10}{'share':>8}")
+        print(f"{title:<100}{'ms/step':>10}{'share':>8}")
         for name, ms in table.items():
-            print(f"{name[:59]:<60}{ms:>10.2f}{ms / total:>8.1%}")
+            print(f"{name[:99]:<100}{ms:>10.2f}{ms / total:>8.1%}")
 
 
 def main() -> None:
@@ -113,13 +133,16 @@ def main() -> None:
     on_device = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     plan = schedule(wait=args.wait, warmup=1, active=args.active, repeat=1)
-    with profile(activities=activities, schedule=plan) as profiler:
+    with profile(activities=activities, schedule=plan, record_shapes=True) as profiler:
         hook = register_optimizer_step_post_hook(lambda *_: profiler.step())
         try:
             cli.run(flags, sdxl=args.sdxl)
         finally:
             hook.remove()
     summary = summarize(profiler.key_averages(), on_device, args.active, args.top)
+    summary["top_operator_shapes_ms_per_step"] = by_shape(
+        profiler.key_averages(group_by_input_shape=True), on_device, args.active, args.top
+    )
     print_summary(summary)
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=2))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, script_env, train_argv
+from conftest import RESOLUTION, ROOT, script_env, train_argv
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -36,7 +36,14 @@ def test_operators_are_sorted_into_kinds_of_work(operator, kind):
 def test_profiles_the_recorded_steps_of_a_real_run(assets, tmp_path):
     out = tmp_path / "profile.json"
     flags = train_argv(assets, tmp_path / "run", max_train_steps=6)
-    command = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--wait=2", "--active=2", f"--out={out}"]
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "profile_step.py"),
+        "--wait=2",
+        "--active=2",
+        "--top=300",
+        f"--out={out}",
+    ]
     done = subprocess.run(
         [*command, "--", *flags], env=script_env(), capture_output=True, text=True, timeout=300, check=False
     )
@@ -47,6 +54,10 @@ def test_profiles_the_recorded_steps_of_a_real_run(assets, tmp_path):
     assert kinds["convolution"] > 0 and kinds["matrix products"] > 0 and kinds["attention"] > 0
     assert sum(kinds.values()) == pytest.approx(summary["ms_per_step"])
     assert (tmp_path / "run" / "diffusion_pytorch_model.safetensors").exists()  # the run itself completed
+    # The shapes name the layer: the ControlNet's first conv reads the batch of 4 RGB conditioning images.
+    first_conv = f"[4, 3, {RESOLUTION}, {RESOLUTION}]"
+    shaped = summary["top_operator_shapes_ms_per_step"]
+    assert any(kind_of(row) == "convolution" and first_conv in row for row in shaped), list(shaped)[:20]
 
 
 def test_device_split_counts_each_kernel_once():
