@@ -58,16 +58,12 @@ def summarize(events, on_device: bool, steps: int, top: int) -> dict:
     left out of both.
     """
     per_step = 1e3 * steps
-    if on_device:
-        operators = [(e.key, e.self_device_time_total / per_step) for e in events if e.device_type == DeviceType.CPU]
-        kernels = [
-            (e.key, e.self_device_time_total / per_step)
-            for e in events
-            if e.device_type != DeviceType.CPU and not e.is_user_annotation
-        ]
-    else:
-        operators, kernels = [(e.key, e.self_cpu_time_total / per_step) for e in events], []
-    operators = by_time(operators)
+    kernels = [
+        (e.key, e.self_device_time_total / per_step)
+        for e in events
+        if on_device and e.device_type != DeviceType.CPU and not e.is_user_annotation
+    ]
+    operators = by_time(own_time(events, on_device, steps, lambda e: e.key))
     total = sum(ms for _, ms in operators)
     kinds: dict[str, float] = {}
     for name, ms in operators:
@@ -85,18 +81,23 @@ def summarize(events, on_device: bool, steps: int, top: int) -> dict:
     return summary
 
 
+def own_time(events, on_device: bool, steps: int, name) -> list[tuple[str, float]]:
+    """(name(operator), its own milliseconds per step) for the operator rows: on a GPU, the device
+    time of the kernels it launched; otherwise its CPU time."""
+    per_step = 1e3 * steps
+    return [
+        (name(e), (e.self_device_time_total if on_device else e.self_cpu_time_total) / per_step)
+        for e in events
+        if e.device_type == DeviceType.CPU
+    ]
+
+
 def by_shape(events, on_device: bool, steps: int, top: int) -> dict[str, float]:
     """Per-step milliseconds of the operators with the most own time, one row per operator and
     input shapes: which layer launched them. A conv bias add and a grad accumulation are both
     ``aten::add_``; their shapes ([N, C, H, W] with [1, C, 1, 1], or two equal ones) tell them apart.
     """
-    per_step = 1e3 * steps
-    rows = [
-        (f"{e.key} {e.input_shapes}", (e.self_device_time_total if on_device else e.self_cpu_time_total) / per_step)
-        for e in events
-        if e.device_type == DeviceType.CPU
-    ]
-    return dict(by_time(rows)[:top])
+    return dict(by_time(own_time(events, on_device, steps, lambda e: f"{e.key} {e.input_shapes}"))[:top])
 
 
 def by_time(items: list[tuple[str, float]]) -> list[tuple[str, float]]:
