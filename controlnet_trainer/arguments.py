@@ -445,11 +445,13 @@ def check_args(args: argparse.Namespace) -> None:
             f"{max(8, args.resolution // 8 * 8)}."
         )
     _check_positive(args)
+    _check_optimizer(args)
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         raise ArgumentError(
             "You cannot use both --report_to=wandb and --hub_token due to a security risk of "
             "exposing your token. Log in with `hf auth login` instead of passing --hub_token."
         )
+    _check_tracker(args.report_to)
     if args.fidelity_dataset is not None and args.fidelity_samples < 2:
         raise ArgumentError(
             "`--fidelity_dataset` needs `--fidelity_samples` of at least 2 (the number of its rows to "
@@ -532,6 +534,45 @@ def _check_positive(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ArgumentError(f"`--{name}` must be at least 1 when given, got {value}.")
+
+
+def _check_optimizer(args: argparse.Namespace) -> None:
+    """Ranges torch and the schedules would otherwise reject (or silently misread) only after the
+    models have loaded and the cache is built."""
+    if args.learning_rate <= 0:
+        raise ArgumentError(f"`--learning_rate` must be positive (1e-5 is typical), got {args.learning_rate}.")
+    for name in ("adam_beta1", "adam_beta2", "ema_decay"):
+        value = getattr(args, name)
+        if not 0 <= value < 1:
+            raise ArgumentError(f"`--{name}` must be in the range [0, 1), got {value}.")
+    for name in ("adam_epsilon", "adam_weight_decay", "lr_warmup_steps", "dataloader_num_workers"):
+        value = getattr(args, name)
+        if value < 0:
+            raise ArgumentError(f"`--{name}` must not be negative, got {value}.")
+
+
+def _check_tracker(report_to: str) -> None:
+    """Accelerate only warns about a tracker that is not installed, and the run then logs nowhere
+    but metrics.jsonl; say so before training instead."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    if report_to in ("none", "", "all"):
+        return
+    if report_to not in LoggerType.list():
+        raise ArgumentError(
+            f"`--report_to={report_to}` is not a tracker Accelerate knows; choose one of "
+            f"{', '.join(LoggerType.list())} or none."
+        )
+    available = get_available_trackers()
+    if LoggerType(report_to) not in available:
+        installed = ", ".join(str(tracker.value) for tracker in available) or "none installed"
+        raise ArgumentError(
+            f"`--report_to={report_to}` needs the {report_to} package, which is not installed. Install "
+            f"it (`pip install {report_to}`), or pick an installed tracker "
+            f"({installed}) or `--report_to=none`; metrics.jsonl in "
+            "--output_dir is written either way."
+        )
 
 
 def parse_args(argv: Sequence[str] | None = None, sdxl: bool = False) -> argparse.Namespace:

@@ -40,6 +40,8 @@ class TrainingProgress:
     epoch: int = 0  # epoch in progress
     batch_in_epoch: int = 0  # micro-batches of that epoch already consumed
     seed: int = 0
+    # [samples per micro-batch, processes]: the size batch_in_epoch counts in (None: older saves)
+    batch_layout: list[int] | None = None
 
     def save(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .errors import InputError
 from .plan import TrainPlan
 
 logger = logging.getLogger(__name__)
@@ -66,16 +67,43 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, plan: TrainPlan
     return path
 
 
-def push_to_hub(output_dir: Path, args: argparse.Namespace) -> str:
-    """Create the repo if needed and upload everything but resumable checkpoints."""
-    from huggingface_hub import create_repo, upload_folder
+class HubError(InputError):
+    """The Hub could not be reached or refused the upload; the message says what was kept."""
 
-    repo_id = create_repo(repo_id=args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=output_dir,
-        commit_message="End of training",
-        ignore_patterns=UPLOAD_IGNORE,
-        token=args.hub_token,
-    )
-    return repo_id
+
+def create_hub_repo(output_dir: Path, args: argparse.Namespace) -> str:
+    """Create (or find) the upload's repo; called before training, as diffusers does, so that a
+    missing login or network fails before the run rather than after it."""
+    from huggingface_hub import create_repo
+
+    name = args.hub_model_id or output_dir.name
+    try:
+        return create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+    # Offline mode, the network, a login or a name the Hub refuses: all end the same way.
+    except Exception as error:
+        raise HubError(
+            f"--push_to_hub could not create or reach the Hub repo {name!r} ({type(error).__name__}: "
+            f"{error}). Log in with `hf auth login` (or pass --hub_token), check the network and that "
+            "HF_HUB_OFFLINE is unset, or drop --push_to_hub and upload --output_dir after training "
+            f"with `hf upload {name} {output_dir}`. Nothing was trained."
+        ) from error
+
+
+def push_to_hub(output_dir: Path, repo_id: str, args: argparse.Namespace) -> None:
+    """Upload everything but resumable checkpoints, which are already saved locally."""
+    from huggingface_hub import upload_folder
+
+    try:
+        upload_folder(
+            repo_id=repo_id,
+            folder_path=output_dir,
+            commit_message="End of training",
+            ignore_patterns=UPLOAD_IGNORE,
+            token=args.hub_token,
+        )
+    except Exception as error:
+        raise HubError(
+            f"Training finished and the ControlNet is saved in {output_dir}, but the upload to "
+            f"{repo_id!r} failed ({type(error).__name__}: {error}). Upload it when the Hub is "
+            f"reachable with `hf upload {repo_id} {output_dir} --exclude 'checkpoint-*'`."
+        ) from error

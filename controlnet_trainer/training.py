@@ -79,6 +79,8 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     accelerator = make_accelerator(args, output_dir)
     deepspeed = accelerator.state.deepspeed_plugin
     check_engine(accelerator.distributed_type, deepspeed.zero_stage if deepspeed else None, args.use_ema)
+    check_precision(accelerator.mixed_precision, accelerator.device)
+    repo_id = agree_on_hub_repo(accelerator, args, output_dir) if args.push_to_hub else None
     seed = agree_on_seed(accelerator, args.seed, resume_path)
     set_seed(seed)  # also seeds Accelerate's sampler, so data order is a function of the epoch
     if args.allow_tf32:
@@ -153,9 +155,12 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         batches = LoaderBatches(accelerator, loader)
 
     metrics = tracking.MetricsLog(accelerator, output_dir)
-    progress = TrainingProgress(seed=seed)
+    layout = [args.train_batch_size, accelerator.num_processes]
+    progress = TrainingProgress(seed=seed, batch_layout=layout)
     if resume_path is not None:
         progress = checkpointing.load_checkpoint(accelerator, resume_path)
+        warn_if_layout_changed(progress, layout)
+        progress = dataclasses.replace(progress, batch_layout=layout)
     if accelerator.is_main_process:
         # Records of steps past the checkpoint (or of a run killed before its first one) are
         # replaced by the ones this run writes.
@@ -182,7 +187,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
             Extras(probe, embeddings, offloaded, ema),
         )
     if not stopped:
-        finish(accelerator, args, family, models, plan, ema)
+        finish(accelerator, args, family, models, plan, ema, repo_id)
     accelerator.end_training()
     return RunResult(output_dir, progress.global_step, stopped)
 
@@ -229,6 +234,21 @@ def check_engine(engine: DistributedType, zero_stage: int | None, use_ema: bool)
         )
 
 
+def check_precision(mixed_precision: str, device: torch.device) -> None:
+    """Refuse fp16 on the CPU, before any model is loaded.
+
+    Accelerate turns fp16 autocast and loss scaling off on the CPU without a word, while the
+    frozen models would still be cast to fp16: the first step would fail on mixed dtypes.
+    """
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise TrainingError(
+            "--mixed_precision=fp16 needs a GPU: on the CPU, Accelerate runs fp16 without autocast "
+            "or loss scaling, so training cannot run. Use --mixed_precision=bf16 (the CPU "
+            "autocasts bf16) or --mixed_precision=no, or train on a GPU. If the flag is not on "
+            "the command line, it comes from your `accelerate config`."
+        )
+
+
 def check_output_dir_is_free(output_dir: Path) -> None:
     """Refuse to mix a new run with another run's checkpoints (rotation would delete them)."""
     found = checkpointing.list_checkpoints(output_dir)
@@ -251,6 +271,44 @@ def agree_on_seed(accelerator: Accelerator, seed: int | None, resume_path: Path 
         return seed
     drawn = [random.SystemRandom().randrange(2**31)]
     return int(broadcast_object_list(drawn)[0])
+
+
+def warn_if_layout_changed(progress: TrainingProgress, layout: list[int]) -> None:
+    """A resume with another batch size or process count cannot continue its epoch exactly: the
+    position is counted in micro-batches of the saved size. Allowed, since it is how one gets past
+    running out of memory, but said."""
+    if progress.batch_layout is None or progress.batch_layout == layout or progress.batch_in_epoch == 0:
+        return
+    (old_batch, old_processes), (batch, processes) = progress.batch_layout, layout
+    used = progress.batch_in_epoch * old_batch * old_processes
+    skipped = progress.batch_in_epoch * batch * processes
+    logger.warning(
+        "The checkpoint was saved with %d samples per batch on %d process(es); this run uses %d on %d. "
+        "Epoch %d resumes after its first %d samples, while the saved run had used %d, so the rest of "
+        "this epoch repeats or skips some samples; later epochs see each sample once, as usual.",
+        old_batch,
+        old_processes,
+        batch,
+        processes,
+        progress.epoch,
+        skipped,
+        used,
+    )
+
+
+def agree_on_hub_repo(accelerator: Accelerator, args: argparse.Namespace, output_dir: Path) -> str:
+    """The main process creates the upload's repo; every rank gets its id, or raises its error
+    (rather than waiting for a main process that has stopped)."""
+    answer = [None, None]
+    if accelerator.is_main_process:
+        try:
+            answer = [hub.create_hub_repo(output_dir, args), None]
+        except hub.HubError as error:
+            answer = [None, str(error)]
+    repo_id, problem = broadcast_object_list(answer)
+    if problem is not None:
+        raise hub.HubError(problem)
+    return repo_id
 
 
 def training_rows(accelerator: Accelerator, args: argparse.Namespace, seed: int):
@@ -644,7 +702,7 @@ def log_plan(accelerator: Accelerator, plan: TrainPlan, progress: TrainingProgre
         )
 
 
-def finish(accelerator, args, family, models, plan, ema: EMAModel | None) -> None:
+def finish(accelerator, args, family, models, plan, ema: EMAModel | None, repo_id: str | None) -> None:
     """Final weights (the EMA's, with --use_ema) at the output root, the model card, and the
     optional upload."""
     accelerator.wait_for_everyone()
@@ -657,6 +715,6 @@ def finish(accelerator, args, family, models, plan, ema: EMAModel | None) -> Non
         export.save_single_file(controlnet, output_dir / hub.SINGLE_FILE)
     plots.plot_training_curves(tracking.read_metrics(output_dir), output_dir / hub.CURVES_FILE)
     hub.write_model_card(output_dir, args, plan, family.name)
-    if args.push_to_hub:
-        hub.push_to_hub(output_dir, args)
+    if repo_id is not None:
+        hub.push_to_hub(output_dir, repo_id, args)
     logger.info("Saved the ControlNet to %s", output_dir)

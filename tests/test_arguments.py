@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from accelerate.tracking import get_available_trackers
 
 from controlnet_trainer.arguments import ArgumentError, build_parser, check_args, parse_args
 from controlnet_trainer.plan import make_plan
@@ -123,11 +124,26 @@ BASE = ["--pretrained_model_name_or_path=m", "--dataset_name=d"]
         (BASE + ["--train_batch_size=0"], "`--train_batch_size` must be at least 1"),
         (BASE + ["--max_train_steps=0"], "`--max_train_steps` must be at least 1"),
         (BASE + ["--snr_gamma=0"], "`--snr_gamma` must be positive"),
+        (BASE + ["--learning_rate=-1e-5"], "`--learning_rate` must be positive"),
+        (BASE + ["--adam_beta2=1"], r"`--adam_beta2` must be in the range \[0, 1\)"),
+        (BASE + ["--ema_decay=1.5"], r"`--ema_decay` must be in the range \[0, 1\)"),
+        (BASE + ["--lr_warmup_steps=-1"], "`--lr_warmup_steps` must not be negative"),
     ],
 )
 def test_bad_arguments_raise_clear_messages(argv, message):
     with pytest.raises(ArgumentError, match=message):
         parse_args(argv)
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_training():
+    # Accelerate only warns, and such a run would log to metrics.jsonl alone.
+    available = {tracker.value for tracker in get_available_trackers()}
+    missing = next(name for name in ("aim", "dvclive", "swanlab", "clearml", "wandb") if name not in available)
+    with pytest.raises(ArgumentError, match=f"needs the {missing} package, which is not installed"):
+        parse_args(BASE + [f"--report_to={missing}"])
+    with pytest.raises(ArgumentError, match="not a tracker Accelerate knows"):
+        parse_args(BASE + ["--report_to=tensorbord"])
+    parse_args(BASE + ["--report_to=tensorboard"])  # a project dependency, so always installed
 
 
 def test_one_prompt_pairs_with_many_images_and_vice_versa():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -141,6 +142,18 @@ def test_resume_is_exact(assets, tmp_path, stop_at, flags):
     assert logged_losses(straight) == logged_losses(interrupted)
 
 
+def test_resume_with_another_batch_size_warns_that_its_epoch_is_not_exact(assets, tmp_path, caplog):
+    # The position in the epoch counts micro-batches of the saved size.
+    run(train_argv(assets, tmp_path, max_train_steps=2, checkpointing_steps=1))
+    with caplog.at_level(logging.WARNING, logger="controlnet_trainer.training"):
+        run(train_argv(assets, tmp_path, max_train_steps=3, checkpointing_steps=1, resume_from_checkpoint="latest"))
+        assert "the saved run had used" not in caplog.text
+        resumed = train_argv(assets, tmp_path, max_train_steps=4, resume_from_checkpoint="latest", train_batch_size=2)
+        run(resumed)
+    # 3 micro-batches into epoch 0: 12 samples at batch 4, but 3 batches of 2 are skipped.
+    assert "resumes after its first 6 samples, while the saved run had used 12" in caplog.text
+
+
 def test_resume_latest_without_checkpoints_starts_fresh(assets, tmp_path):
     result = run(train_argv(assets, tmp_path, max_train_steps=1, resume_from_checkpoint="latest"))
     assert result.global_step == 1 and (tmp_path / "config.json").exists()
@@ -237,6 +250,41 @@ def test_xformers_without_xformers_or_cuda_is_a_clear_error(assets, tmp_path):
 
     with pytest.raises(ModelError, match="xformers"):
         run(train_argv(assets, tmp_path, enable_xformers_memory_efficient_attention=True))
+
+
+def test_fp16_on_cpu_is_refused_before_any_model_loads(assets, tmp_path, monkeypatch):
+    # Accelerate drops fp16 autocast on the CPU silently; the first step then failed on mixed
+    # dtypes, after the models had loaded and the cache had been built.
+    from controlnet_trainer import training
+
+    monkeypatch.setattr(training, "load_models", lambda *_: pytest.fail("models loaded before the check"))
+    with pytest.raises(training.TrainingError, match=r"fp16 needs a GPU.*--mixed_precision=bf16"):
+        run(train_argv(assets, tmp_path, mixed_precision="fp16"))
+
+
+def test_push_to_hub_without_the_hub_fails_before_training(assets, tmp_path, monkeypatch):
+    # The repo used to be created only after training, so an offline machine or a missing login
+    # ended a finished run with a network traceback.
+    import huggingface_hub.constants
+
+    from controlnet_trainer import hub, training
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # never a real upload
+    monkeypatch.setattr(training, "load_models", lambda *_: pytest.fail("models loaded before the check"))
+    with pytest.raises(hub.HubError, match=r"could not create or reach the Hub repo 'me/net'.*hf upload me/net"):
+        run(train_argv(assets, tmp_path, push_to_hub=True, hub_model_id="me/net"))
+
+
+def test_a_failed_upload_keeps_the_trained_model_and_says_how_to_upload(assets, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from controlnet_trainer import hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "create_hub_repo", lambda *_: "me/net")  # as if the repo existed
+    with pytest.raises(hub.HubError, match=r"saved in .*but the upload to 'me/net' failed.*hf upload me/net"):
+        run(train_argv(assets, tmp_path, push_to_hub=True, max_train_steps=1))
+    assert final_weights(tmp_path)
 
 
 def test_skip_bad_images_trains_on_the_rest(assets, tmp_path):
