@@ -155,12 +155,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         batches = LoaderBatches(accelerator, loader)
 
     metrics = tracking.MetricsLog(accelerator, output_dir)
-    layout = [args.train_batch_size, accelerator.num_processes]
-    progress = TrainingProgress(seed=seed, batch_layout=layout)
-    if resume_path is not None:
-        progress = checkpointing.load_checkpoint(accelerator, resume_path)
-        warn_if_layout_changed(progress, layout)
-        progress = dataclasses.replace(progress, batch_layout=layout)
+    progress = starting_progress(accelerator, resume_path, seed, [args.train_batch_size, accelerator.num_processes])
     if accelerator.is_main_process:
         # Records of steps past the checkpoint (or of a run killed before its first one) are
         # replaced by the ones this run writes.
@@ -271,6 +266,17 @@ def agree_on_seed(accelerator: Accelerator, seed: int | None, resume_path: Path 
         return seed
     drawn = [random.SystemRandom().randrange(2**31)]
     return int(broadcast_object_list(drawn)[0])
+
+
+def starting_progress(
+    accelerator: Accelerator, resume_path: Path | None, seed: int, layout: list[int]
+) -> TrainingProgress:
+    """A fresh run's progress, or the checkpoint's, counted from now on in this run's batches."""
+    if resume_path is None:
+        return TrainingProgress(seed=seed, batch_layout=layout)
+    progress = checkpointing.load_checkpoint(accelerator, resume_path)
+    warn_if_layout_changed(progress, layout)
+    return dataclasses.replace(progress, batch_layout=layout)
 
 
 def warn_if_layout_changed(progress: TrainingProgress, layout: list[int]) -> None:
