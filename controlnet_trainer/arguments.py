@@ -451,7 +451,6 @@ def check_args(args: argparse.Namespace) -> None:
             "You cannot use both --report_to=wandb and --hub_token due to a security risk of "
             "exposing your token. Log in with `hf auth login` instead of passing --hub_token."
         )
-    _check_tracker(args.report_to)
     if args.fidelity_dataset is not None and args.fidelity_samples < 2:
         raise ArgumentError(
             "`--fidelity_dataset` needs `--fidelity_samples` of at least 2 (the number of its rows to "
@@ -466,6 +465,8 @@ def check_args(args: argparse.Namespace) -> None:
     _check_buckets(args)
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ArgumentError(f"`--snr_gamma` must be positive (5.0 is typical), got {args.snr_gamma}.")
+    # Last: it imports accelerate (and torch), which the checks above answer without.
+    _check_tracker(args.report_to)
 
 
 def _check_streaming(args: argparse.Namespace) -> None:
@@ -569,9 +570,8 @@ def _check_tracker(report_to: str) -> None:
         installed = ", ".join(str(tracker.value) for tracker in available) or "none installed"
         raise ArgumentError(
             f"`--report_to={report_to}` needs the {report_to} package, which is not installed. Install "
-            f"it (`pip install {report_to}`), or pick an installed tracker "
-            f"({installed}) or `--report_to=none`; metrics.jsonl in "
-            "--output_dir is written either way."
+            f"it (`pip install {report_to}`), or pick an installed tracker ({installed}) or "
+            "`--report_to=none`; metrics.jsonl in --output_dir is written either way."
         )
 
 

@@ -80,7 +80,8 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     deepspeed = accelerator.state.deepspeed_plugin
     check_engine(accelerator.distributed_type, deepspeed.zero_stage if deepspeed else None, args.use_ema)
     check_precision(accelerator.mixed_precision, accelerator.device)
-    repo_id = agree_on_hub_repo(accelerator, args, output_dir) if args.push_to_hub else None
+    # Not on a dry run, which must leave nothing behind, on the Hub either.
+    repo_id = agree_on_hub_repo(accelerator, args, output_dir) if args.push_to_hub and not args.dry_run else None
     seed = agree_on_seed(accelerator, args.seed, resume_path)
     set_seed(seed)  # also seeds Accelerate's sampler, so data order is a function of the epoch
     if args.allow_tf32:

@@ -273,6 +273,8 @@ def test_push_to_hub_without_the_hub_fails_before_training(assets, tmp_path, mon
     monkeypatch.setattr(training, "load_models", lambda *_: pytest.fail("models loaded before the check"))
     with pytest.raises(hub.HubError, match=r"could not create or reach the Hub repo 'me/net'.*hf upload me/net"):
         run(train_argv(assets, tmp_path, push_to_hub=True, hub_model_id="me/net"))
+    # A dry run leaves nothing behind, on the Hub either, so it never asks for the repo.
+    assert run(train_argv(assets, tmp_path / "dry", push_to_hub=True, dry_run=True)).plan is not None
 
 
 def test_a_failed_upload_keeps_the_trained_model_and_says_how_to_upload(assets, tmp_path, monkeypatch):
