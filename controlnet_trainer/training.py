@@ -281,14 +281,16 @@ def starting_progress(
 
 
 def warn_if_layout_changed(progress: TrainingProgress, layout: list[int]) -> None:
-    """A resume with another batch size or process count cannot continue its epoch exactly: the
-    position is counted in micro-batches of the saved size. Allowed, since it is how one gets past
-    running out of memory, but said."""
-    if progress.batch_layout is None or progress.batch_layout == layout or progress.batch_in_epoch == 0:
+    """A resume with another global batch cannot continue its epoch exactly: the position is
+    counted in micro-batches of the saved size. Allowed, since it is how one gets past running
+    out of memory, but said."""
+    if progress.batch_layout is None:
         return
     (old_batch, old_processes), (batch, processes) = progress.batch_layout, layout
     used = progress.batch_in_epoch * old_batch * old_processes
     skipped = progress.batch_in_epoch * batch * processes
+    if used == skipped:  # e.g. 2 processes of 2 after 1 of 4: the same global batches
+        return
     logger.warning(
         "The checkpoint was saved with %d samples per batch on %d process(es); this run uses %d on %d. "
         "Epoch %d resumes after its first %d samples, while the saved run had used %d, so the rest of "

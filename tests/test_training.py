@@ -15,7 +15,7 @@ from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from controlnet_trainer.checkpointing import CheckpointError
+from controlnet_trainer.checkpointing import CheckpointError, TrainingProgress
 from controlnet_trainer.cli import run
 
 
@@ -152,6 +152,20 @@ def test_resume_with_another_batch_size_warns_that_its_epoch_is_not_exact(assets
         run(resumed)
     # 3 micro-batches into epoch 0: 12 samples at batch 4, but 3 batches of 2 are skipped.
     assert "resumes after its first 6 samples, while the saved run had used 12" in caplog.text
+
+
+@pytest.mark.parametrize(("saved", "now", "warned"), [([4, 1], [2, 2], False), ([4, 1], [4, 2], True)])
+def test_only_a_resume_that_changes_the_global_batch_warns(caplog, saved, now, warned):
+    # 2 processes of 2 after 1 of 4 skip the same 8 samples (measured: the resumed run ends
+    # 1.2e-7 from the straight one); 2 processes of 4 would skip 16.
+    from accelerate import PartialState
+
+    from controlnet_trainer.training import warn_if_layout_changed
+
+    PartialState()  # accelerate's logger asks for it
+    with caplog.at_level(logging.WARNING, logger="controlnet_trainer.training"):
+        warn_if_layout_changed(TrainingProgress(global_step=2, batch_in_epoch=2, batch_layout=saved), now)
+    assert ("the saved run had used 8" in caplog.text) == warned
 
 
 def test_resume_latest_without_checkpoints_starts_fresh(assets, tmp_path):
