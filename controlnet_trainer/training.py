@@ -281,9 +281,9 @@ def starting_progress(
 
 
 def warn_if_layout_changed(progress: TrainingProgress, layout: list[int]) -> None:
-    """A resume with another global batch cannot continue its epoch exactly: the position is
-    counted in micro-batches of the saved size. Allowed, since it is how one gets past running
-    out of memory, but said."""
+    """A resume that changes the samples per micro-batch over all processes cannot continue its
+    epoch exactly: the position is counted in micro-batches of the saved size. Allowed, since it
+    is how one gets past running out of memory, but said."""
     if progress.batch_layout is None:
         return
     (old_batch, old_processes), (batch, processes) = progress.batch_layout, layout
