@@ -9,7 +9,7 @@ import datasets
 import pytest
 from conftest import RESOLUTION, train_argv
 
-from controlnet_trainer import fixtures
+from controlnet_trainer import fidelity, fixtures
 from controlnet_trainer.cli import run
 
 STEPS = 500  # the tiny ControlNet first spends ~200 steps correcting the random UNet
@@ -59,3 +59,22 @@ def test_control_gap_stays_flat_when_conditioning_is_shuffled(assets, fill_data,
     measured = train(assets, tmp_path, fill_data["shuffled"])
     assert measured[0] == 0.0
     assert abs(measured[STEPS]) < 0.002, measured
+
+
+def test_fidelity_dataset_is_measured_apart_and_every_training_row_trains(assets, tmp_path, capsys):
+    held = fixtures.build_fill_dataset(tmp_path / "held", num_rows=6, size=RESOLUTION, seed=5)
+    flags = dict(fidelity_dataset=held, fidelity_samples=4, fidelity_timesteps=1, fidelity_steps=2)
+    run(train_argv(assets, tmp_path / "run", max_train_steps=2, **flags))
+    plan = json.loads((tmp_path / "run" / "training_options.json").read_text())["plan"]
+    assert plan["num_samples"] == 24  # nothing held out of the training rows
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    measured = {r["step"]: r for r in records if "fidelity/unet_only" in r}
+    assert sorted(measured) == [0, 2]
+    # Step 0 scores the fresh ControlNet: the standalone measure of the first 4 rows of the
+    # fidelity dataset, with one timestep each, must give the same numbers.
+    capsys.readouterr()
+    standalone = [f"--pretrained_model_name_or_path={assets['sd']}", f"--dataset_name={held}"]
+    fidelity.main([*standalone, f"--resolution={RESOLUTION}", "--num_samples=4", "--timesteps_per_sample=1"])
+    printed = json.loads(capsys.readouterr().out)
+    for condition in ("matched", "unet_only"):
+        assert measured[0][f"fidelity/{condition}"] == pytest.approx(printed[condition], rel=1e-5)
