@@ -138,7 +138,7 @@ def _tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _captions(rows: datasets.Dataset, column: str) -> list[list[str]]:
-    return [data.caption_options(cell) for cell in rows[column]]
+    return [data.caption_options(cell) for cell in data.column_values(rows, column)]
 
 
 def _write(directory: Path, name: str, array: np.ndarray) -> None:

@@ -186,7 +186,7 @@ class RankBlocks(torch.utils.data.IterableDataset):
             where = f"Row {position} of epoch {self.epoch} of the stream" + _key_of(row)
             if not self.source.skip_bad_images:
                 raise data.DataError(
-                    f"{where} has an image that cannot be read ({error}). Fix or remove it, or pass "
+                    f"{where} cannot be used ({error}). Fix or remove it, or pass "
                     "--skip_bad_images to leave such rows out."
                 ) from error
             logger.warning("--skip_bad_images: leaving out %s: %s", where, error)

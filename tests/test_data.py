@@ -15,7 +15,9 @@ from controlnet_trainer.data import (
     Columns,
     DataError,
     PairedTransform,
+    caption_options,
     caption_text,
+    check_captions,
     check_columns,
     choose_caption,
     collate,
@@ -46,6 +48,36 @@ def test_caption_column_must_be_text():
     check_columns(tiny_dataset(["a", "b"]), COLUMNS)
     with pytest.raises(DataError, match="strings or lists of strings"):
         check_columns(tiny_dataset(3), COLUMNS)
+
+
+def rows_with_captions(captions) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"text": captions})
+
+
+def test_rows_without_a_caption_are_named_before_training(tmp_path):
+    check_captions(rows_with_captions(["a", "", "b"]), "text")  # "" is a prompt-free sample
+    with pytest.raises(DataError, match=r"1 row\(s\) have no caption in column `text`; the first is row 1"):
+        check_captions(rows_with_captions(["a", None, "b"]), "text")
+    with pytest.raises(DataError, match=r"2 row\(s\) .* the first is row 1"):
+        check_captions(rows_with_captions([["a"], [], ["b", None]]), "text")
+    # A stream is not checked before training: its rows fail (or are skipped) one by one.
+    with pytest.raises(DataError, match="non-empty list of strings, not None"):
+        caption_options(None)
+    # Wired into loading: a parquet dataset with a missing caption fails there.
+    image = Image.new("RGB", (8, 8))
+    rows = {"image": [image, image], "conditioning_image": [image, image], "text": ["a", None]}
+    datasets.Dataset.from_dict(rows).to_parquet(tmp_path / "data" / "train.parquet")
+    args = argparse.Namespace(
+        dataset_name=str(tmp_path / "data"),
+        train_data_dir=None,
+        dataset_config_name=None,
+        cache_dir=None,
+        image_column="image",
+        conditioning_image_column="conditioning_image",
+        caption_column="text",
+    )
+    with pytest.raises(DataError, match="the first is row 1"):
+        load_train_dataset(args)
 
 
 def test_nonexistent_dataset_path_and_empty_dataset(tmp_path):

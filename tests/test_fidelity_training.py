@@ -63,7 +63,7 @@ def test_control_gap_stays_flat_when_conditioning_is_shuffled(assets, fill_data,
 
 def test_fidelity_dataset_is_measured_apart_and_every_training_row_trains(assets, tmp_path, capsys):
     held = fixtures.build_fill_dataset(tmp_path / "held", num_rows=6, size=RESOLUTION, seed=5)
-    flags = dict(fidelity_dataset=held, fidelity_samples=4, fidelity_timesteps=1, fidelity_steps=2)
+    flags = {"fidelity_dataset": held, "fidelity_samples": 4, "fidelity_timesteps": 1, "fidelity_steps": 2}
     run(train_argv(assets, tmp_path / "run", max_train_steps=2, **flags))
     plan = json.loads((tmp_path / "run" / "training_options.json").read_text())["plan"]
     assert plan["num_samples"] == 24  # nothing held out of the training rows
