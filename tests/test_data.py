@@ -50,6 +50,19 @@ def test_caption_column_must_be_text():
         check_columns(tiny_dataset(3), COLUMNS)
 
 
+def loading_args(dataset: Path) -> argparse.Namespace:
+    """The flags load_train_dataset reads, for a local dataset folder."""
+    return argparse.Namespace(
+        dataset_name=str(dataset),
+        train_data_dir=None,
+        dataset_config_name=None,
+        cache_dir=None,
+        image_column="image",
+        conditioning_image_column="conditioning_image",
+        caption_column="text",
+    )
+
+
 def rows_with_captions(captions) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"text": captions})
 
@@ -67,31 +80,14 @@ def test_rows_without_a_caption_are_named_before_training(tmp_path):
     image = Image.new("RGB", (8, 8))
     rows = {"image": [image, image], "conditioning_image": [image, image], "text": ["a", None]}
     datasets.Dataset.from_dict(rows).to_parquet(tmp_path / "data" / "train.parquet")
-    args = argparse.Namespace(
-        dataset_name=str(tmp_path / "data"),
-        train_data_dir=None,
-        dataset_config_name=None,
-        cache_dir=None,
-        image_column="image",
-        conditioning_image_column="conditioning_image",
-        caption_column="text",
-    )
     with pytest.raises(DataError, match="the first is row 1"):
-        load_train_dataset(args)
+        load_train_dataset(loading_args(tmp_path / "data"))
 
 
 def test_nonexistent_dataset_path_and_empty_dataset(tmp_path):
     empty = tiny_dataset("a").select([])
     empty.to_parquet(tmp_path / "empty" / "train.parquet")
-    args = argparse.Namespace(
-        dataset_name=str(tmp_path / "empty"),
-        train_data_dir=None,
-        dataset_config_name=None,
-        cache_dir=None,
-        image_column="image",
-        conditioning_image_column="conditioning_image",
-        caption_column="text",
-    )
+    args = loading_args(tmp_path / "empty")
     with pytest.raises(DataError, match="no rows"):
         load_train_dataset(args)
     with pytest.raises(DataError, match="`--dataset_name` points to .*does not exist"):
