@@ -24,7 +24,9 @@ def save_final_model(controlnet, output_dir: Path) -> None:
     controlnet.save_pretrained(output_dir, safe_serialization=True)
 
 
-def model_description(args: argparse.Namespace, plan: TrainPlan, family: str, images: list[str]) -> str:
+def model_description(
+    args: argparse.Namespace, plan: TrainPlan, family: str, images: list[str], *, curves: bool = True
+) -> str:
     dataset = args.dataset_name or args.train_data_dir
     pipeline = "StableDiffusionXLControlNetPipeline" if family == "sdxl" else "StableDiffusionControlNetPipeline"
     lines = [
@@ -42,7 +44,8 @@ def model_description(args: argparse.Namespace, plan: TrainPlan, family: str, im
         f'pipe = {pipeline}.from_pretrained("{args.pretrained_model_name_or_path}", controlnet=controlnet)',
         "```",
     ]
-    lines += ["", "## Training curves", "", f"![training curves]({CURVES_FILE})"]
+    if curves:
+        lines += ["", "## Training curves", "", f"![training curves]({CURVES_FILE})"]
     if args.validation_prompt:
         lines += ["", "## Validation", "", "Prompts: " + "; ".join(args.validation_prompt)]
         lines += [f"![validation]({image})" for image in images]
@@ -61,7 +64,10 @@ def write_model_card(output_dir: Path, args: argparse.Namespace, plan: TrainPlan
         tags=tags,
         inference=True,
     )
-    card = ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + model_description(args, plan, family, images[-1:]))
+    card = ModelCard(
+        f"---\n{metadata.to_yaml()}\n---\n\n"
+        + model_description(args, plan, family, images[-1:], curves=(output_dir / CURVES_FILE).exists())
+    )
     path = output_dir / "README.md"
     card.save(path)
     return path

@@ -709,6 +709,13 @@ def log_plan(accelerator: Accelerator, plan: TrainPlan, progress: TrainingProgre
         logger.info(
             "  Resuming at step %d (epoch %d, batch %d)", progress.global_step, progress.epoch, progress.batch_in_epoch
         )
+    if progress.global_step >= plan.max_train_steps:
+        logger.warning(
+            "The checkpoint is at step %d and --max_train_steps is %d: nothing is left to train, so the "
+            "checkpoint's weights are saved as the final model. Raise --max_train_steps to train on.",
+            progress.global_step,
+            plan.max_train_steps,
+        )
 
 
 def finish(accelerator, args, family, models, plan, ema: EMAModel | None, repo_id: str | None) -> None:
@@ -722,7 +729,9 @@ def finish(accelerator, args, family, models, plan, ema: EMAModel | None, repo_i
     hub.save_final_model(controlnet, output_dir)
     if args.save_single_file:
         export.save_single_file(controlnet, output_dir / hub.SINGLE_FILE)
-    plots.plot_training_curves(tracking.read_metrics(output_dir), output_dir / hub.CURVES_FILE)
+    records = tracking.read_metrics(output_dir)
+    if records:  # none where a run resumed from another folder had no step left to take
+        plots.plot_training_curves(records, output_dir / hub.CURVES_FILE)
     hub.write_model_card(output_dir, args, plan, family.name)
     if repo_id is not None:
         hub.push_to_hub(output_dir, repo_id, args)

@@ -168,6 +168,19 @@ def test_only_a_resume_that_changes_the_global_batch_warns(caplog, saved, now, w
     assert ("the saved run had used 8" in caplog.text) == warned
 
 
+def test_a_resume_with_no_step_left_saves_the_checkpoint_from_another_folder(assets, tmp_path, caplog):
+    # The new folder has no metrics yet: the run once failed at plotting them, after saving.
+    run(train_argv(assets, tmp_path / "first", max_train_steps=2, checkpointing_steps=2))
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    with caplog.at_level(logging.WARNING, logger="controlnet_trainer.training"):
+        run(train_argv(assets, tmp_path / "again", max_train_steps=2, resume_from_checkpoint=checkpoint))
+    assert "nothing is left to train" in caplog.text
+    first, again = final_weights(tmp_path / "first"), final_weights(tmp_path / "again")
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert "training_curves.png" in (tmp_path / "first" / "README.md").read_text()
+    assert "training_curves.png" not in (tmp_path / "again" / "README.md").read_text()  # no broken link
+
+
 def test_resume_latest_without_checkpoints_starts_fresh(assets, tmp_path):
     result = run(train_argv(assets, tmp_path, max_train_steps=1, resume_from_checkpoint="latest"))
     assert result.global_step == 1 and (tmp_path / "config.json").exists()
