@@ -49,7 +49,7 @@ from .arguments import INTERPOLATION_MODES
 from .errors import InputError
 from .family import SD, SDXL, ModelFamily, crop_override_from_args, unet_added_conditioning
 from .loss import diffusion_loss
-from .models import Models, freeze_and_place, load_models, mixed_precision_autocast
+from .models import Models, check_family, freeze_and_place, load_models, mixed_precision_autocast
 from .plan import DTYPES
 
 # Fewer than two held-out samples leaves no *other* conditioning image to mismatch with.
@@ -435,6 +435,7 @@ def evaluate_saved(args: argparse.Namespace, accelerator: Accelerator) -> Fideli
     The first rows, not a random draw, so that anyone can name exactly what was scored.
     """
     family = SDXL if args.sdxl else SD
+    check_family(args, family, fidelity_command=True)
     transform = transform_from_args(args)
     with accelerator.main_process_first():
         rows = data.load_train_dataset(args)

@@ -60,6 +60,26 @@ def load_models(args: argparse.Namespace, family: ModelFamily) -> Models:
     return Models(tokenizers, text_encoders, vae, unet, _load_controlnet(args, unet), noise_scheduler)
 
 
+def check_family(args: argparse.Namespace, family: ModelFamily, *, fidelity_command: bool = False) -> None:
+    """The SD script pointed at an SDXL model, or the reverse, fails here with the fix, from the
+    UNet's config alone, instead of deep in a tokenizer or at the first step."""
+    base = args.pretrained_model_name_or_path
+    _check_local_path(base, "--pretrained_model_name_or_path")
+    config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=args.revision, cache_dir=args.cache_dir)
+    is_sdxl = config.get("addition_embed_type") == "text_time"  # SDXL's pooled-text and size conditioning
+    if is_sdxl == (family.name == "sdxl"):
+        return
+    if fidelity_command:
+        fix = "Add --sdxl." if is_sdxl else "Drop --sdxl."
+    else:
+        fix = f"Run {'train_controlnet_sdxl.py' if is_sdxl else 'train_controlnet.py'} with the same flags instead."
+    raise ModelError(
+        f"`--pretrained_model_name_or_path` {base!r} is {'an SDXL' if is_sdxl else 'an SD 1.x/2.x'} model "
+        f"(its UNet's addition_embed_type is {config.get('addition_embed_type')!r}), but it was given "
+        f"to the {'SDXL' if family.name == 'sdxl' else 'SD'} code path. {fix}"
+    )
+
+
 def _check_local_path(path: str, flag: str) -> None:
     """A value that can only be a local path and does not exist fails before any download.
 

@@ -50,7 +50,7 @@ from .checkpointing import TrainingProgress
 from .errors import InputError
 from .family import ModelFamily, TextConditioning, crop_override_from_args, unet_added_conditioning
 from .loss import diffusion_loss, sample_noise_and_timesteps
-from .models import Models, enable_memory_options, freeze_and_place, load_models, make_optimizer
+from .models import Models, check_family, enable_memory_options, freeze_and_place, load_models, make_optimizer
 from .plan import TrainPlan, make_plan
 from .preemption import stop_on_signals
 
@@ -80,6 +80,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     deepspeed = accelerator.state.deepspeed_plugin
     check_engine(accelerator.distributed_type, deepspeed.zero_stage if deepspeed else None, args.use_ema)
     check_precision(accelerator.mixed_precision, accelerator.device)
+    check_family(args, family)
     # Not on a dry run, which must leave nothing behind, on the Hub either.
     repo_id = agree_on_hub_repo(accelerator, args, output_dir) if args.push_to_hub and not args.dry_run else None
     seed = agree_on_seed(accelerator, args.seed, resume_path)

@@ -128,3 +128,23 @@ def test_npu_flash_attention_without_npu_is_a_clear_error(sdxl_assets, tmp_path)
 
     with pytest.raises(ModelError, match="torch_npu"):
         run(train_argv(sdxl_assets, tmp_path, sdxl=True, enable_npu_flash_attention=True), sdxl=True)
+
+
+def test_the_wrong_script_for_the_model_names_the_right_one(sdxl_assets, tmp_path, capsys):
+    # They used to fail deep inside: a missing tokenizer_2 (SDXL script, SD model) or a TypeError
+    # at the first step (SD script, SDXL model).
+    from controlnet_trainer import fidelity
+    from controlnet_trainer.models import ModelError
+
+    sd_model_on_sdxl = train_argv(
+        sdxl_assets, tmp_path / "a", sdxl=True, pretrained_model_name_or_path=sdxl_assets["sd"]
+    )
+    with pytest.raises(ModelError, match="is an SD 1.x/2.x model.*Run train_controlnet.py with the same flags"):
+        run(sd_model_on_sdxl, sdxl=True)
+    with pytest.raises(ModelError, match="is an SDXL model.*Run train_controlnet_sdxl.py with the same flags"):
+        run(train_argv(sdxl_assets, tmp_path / "b", pretrained_model_name_or_path=sdxl_assets["sdxl"]))
+    with pytest.raises(SystemExit) as exit_info:
+        fidelity.main(
+            [f"--pretrained_model_name_or_path={sdxl_assets['sd']}", f"--dataset_name={sdxl_assets['fill']}", "--sdxl"]
+        )
+    assert exit_info.value.code == 2 and "Drop --sdxl." in capsys.readouterr().err
