@@ -40,8 +40,24 @@ class Models:
 
 def load_models(args: argparse.Namespace, family: ModelFamily) -> Models:
     """Tokenizers, text encoders, VAE, UNet, scheduler and the ControlNet to train."""
+    _check_local_path(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    if args.tokenizer_name:
+        _check_local_path(args.tokenizer_name, "--tokenizer_name")
+    # Missing files (a --variant the folder does not hold), a wrong --revision or no network
+    # raise OSError; the libraries' own text names the file, given here as one paragraph.
+    try:
+        return _load_models(args, family)
+    except OSError as error:
+        flags = ["--pretrained_model_name_or_path"]
+        flags += [f"--{name}" for name in ("revision", "variant", "tokenizer_name") if getattr(args, name)]
+        raise ModelError(
+            f"Could not load the models: {' '.join(str(error).split())} Check {', '.join(flags)}; "
+            "a hub id needs the network or an earlier download in the cache."
+        ) from error
+
+
+def _load_models(args: argparse.Namespace, family: ModelFamily) -> Models:
     base = args.pretrained_model_name_or_path
-    _check_local_path(base, "--pretrained_model_name_or_path")
     common = {"revision": args.revision, "cache_dir": args.cache_dir}
     tokenizers = tuple(_load_tokenizer(args, family, sub) for sub, _ in family.text_components)
     text_encoders = tuple(

@@ -264,12 +264,21 @@ def test_controlnet_of_another_base_model_is_refused(sdxl_assets, tmp_path):
         run(train_argv(sdxl_assets, tmp_path, controlnet_model_name_or_path=sdxl_assets["controlnet_sdxl"]))
 
 
-@pytest.mark.parametrize("flag", ["pretrained_model_name_or_path", "controlnet_model_name_or_path"])
+@pytest.mark.parametrize("flag", ["pretrained_model_name_or_path", "controlnet_model_name_or_path", "tokenizer_name"])
 def test_nonexistent_model_paths_are_clear_errors(assets, tmp_path, flag):
     from controlnet_trainer.models import ModelError
 
     with pytest.raises(ModelError, match=f"`--{flag}` points to .*does not exist"):
         run(train_argv(assets, tmp_path, **{flag: tmp_path / "missing" / "model"}))
+
+
+def test_a_variant_the_model_lacks_is_one_paragraph_naming_the_flag(assets, tmp_path):
+    from controlnet_trainer.models import ModelError
+
+    with pytest.raises(
+        ModelError, match=r"Could not load the models: .*fp16.*Check --pretrained_model_name_or_path, --variant"
+    ):
+        run(train_argv(assets, tmp_path, variant="fp16"))
 
 
 def test_xformers_without_xformers_or_cuda_is_a_clear_error(assets, tmp_path):
