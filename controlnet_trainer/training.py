@@ -203,7 +203,13 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
     )
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrainingError(
+                f"--output_dir {output_dir} cannot be created ({error.strerror}). Check the path, or "
+                "choose a folder on a disk you can write to."
+            ) from error
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     return accelerator
 

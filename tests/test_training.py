@@ -281,6 +281,14 @@ def test_a_variant_the_model_lacks_is_one_paragraph_naming_the_flag(assets, tmp_
         run(train_argv(assets, tmp_path, variant="fp16"))
 
 
+def test_an_output_dir_that_cannot_be_created_is_named(assets, tmp_path):
+    from controlnet_trainer.training import TrainingError
+
+    (tmp_path / "a_file").touch()
+    with pytest.raises(TrainingError, match=r"--output_dir .*a_file/out cannot be created \(Not a directory\)"):
+        run(train_argv(assets, tmp_path / "a_file" / "out"))
+
+
 def test_xformers_without_xformers_or_cuda_is_a_clear_error(assets, tmp_path):
     from controlnet_trainer.models import ModelError
 
