@@ -25,6 +25,7 @@ recomputation is not useful work, so it lowers MFU, as the usual definition has 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -153,9 +154,20 @@ def run_case(case: Case, flops: dict, flags: list[str], env: dict, profile_out: 
         "first_window_seconds_per_step": blocks[0],
         # Start-up, loading, cache build and the final save: where a short run's time goes.
         "process_seconds_outside_steps": run["wall_seconds"] - sum(per_step_seconds(windows)),
+        **startup_parts(records),
         "log": str(run["log"]),
         **({"profile": json.loads(profile_out.read_text())} if profile_out else {}),
     }
+
+
+def startup_parts(records: list[dict]) -> dict:
+    """The trainer's start-up record: its total and each part, from the start of training to the
+    first step. The rest of the time outside steps is Python's imports, the final save and exit."""
+    startup = next((r for r in records if "startup_seconds" in r), None)
+    if startup is None:
+        return {}
+    parts = {k.removeprefix("startup/").removesuffix("_seconds"): v for k, v in startup.items() if "/" in k}
+    return {"startup_seconds": startup["startup_seconds"], "startup_parts_seconds": parts}
 
 
 def per_step_seconds(windows: list[dict]) -> list[float]:
@@ -183,13 +195,20 @@ def peak(records: list[dict], key: str) -> float | None:
 
 
 def build_assets(family: str, tiny: bool, work: Path) -> tuple[Path, Path]:
-    model_dir = work / f"model-{family}"
+    """The family's model and fill data under ``work``, built unless a finished build is there."""
+    name = f"{family}{'-tiny' if tiny else ''}"
+    model_dir, data_dir, built = work / f"model-{name}", work / f"fill-{name}", work / f"{name}.built"
+    if built.exists():
+        return model_dir, data_dir
+    for folder in (model_dir, data_dir):  # a build cut short
+        shutil.rmtree(folder, ignore_errors=True)
     if tiny:
         (fixtures.build_tiny_sdxl if family == "sdxl" else fixtures.build_tiny_sd)(model_dir)
     else:
         reference_models.build_reference(family, model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     rows = 144 if family == "sd15" else 64  # whole batches of 16 and 48: every step is full
-    data_dir = fixtures.build_fill_dataset(work / f"fill-{family}", num_rows=rows, size=resolution_of(family, tiny))
+    fixtures.build_fill_dataset(data_dir, num_rows=rows, size=resolution_of(family, tiny))
+    built.touch()
     return model_dir, data_dir
 
 
@@ -209,6 +228,12 @@ def print_row(row: dict) -> None:
         f"{row['mfu'] * 100:>7.1f}%{'-' if memory is None else f'{memory:.1f}':>9}",
         flush=True,
     )
+    if "startup_seconds" in row:
+        parts = ", ".join(f"{part} {seconds:.1f}" for part, seconds in row["startup_parts_seconds"].items())
+        rest = row["process_seconds_outside_steps"] - row["startup_seconds"]
+        print(
+            f"    start-up {row['startup_seconds']:.1f} s ({parts}); imports, final save, exit {rest:.1f} s", flush=True
+        )
     if "profile" in row:  # where the step's time went, per kind of work
         profile = row["profile"]
         print(
@@ -242,14 +267,22 @@ def main() -> None:
     )
     parser.add_argument("--only", nargs="+", default=[""], help="run only the cases whose name contains one of these")
     parser.add_argument("--tiny", action="store_true", help="tiny fixtures at 64 px: checks the script anywhere")
+    parser.add_argument(
+        "--work_dir",
+        default=None,
+        help="keep the models, data and embeddings cache here and reuse them in later runs (a GPU's "
+        "device time goes further: building SD 1.5 and its data takes about a minute, SDXL more); "
+        "default: a temporary folder",
+    )
     args = parser.parse_args()
 
     path_entries = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(path_entries), "HF_HUB_OFFLINE": "1"}
     results = {"machine": machine(), "command": " ".join(sys.argv), "peak_flops": PEAK_BF16_FLOPS, "cases": []}
     print(f"{results['machine']}\n{'case':<45}{'s/step':>8}{'samples/s':>10}{'MFU':>8}{'GiB':>9}", flush=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        work = Path(scratch)
+    with contextlib.ExitStack() as stack:
+        work = Path(args.work_dir or stack.enter_context(tempfile.TemporaryDirectory()))
+        work.mkdir(parents=True, exist_ok=True)
         for family in args.families:
             model_dir, data_dir = build_assets(family, args.tiny, work)
             resolution = resolution_of(family, args.tiny)
@@ -257,6 +290,7 @@ def main() -> None:
             results[f"tflop_per_sample_{family}"] = {k: v / 1e12 for k, v in flops.items()}
             for case in [c for c in cases(family, args.tiny) if any(part in c.name for part in args.only)]:
                 flags = case_flags(case, model_dir, data_dir, work, resolution, args.steps)
+                shutil.rmtree(work / case.slug, ignore_errors=True)  # a kept --work_dir's earlier run
                 profile_out = work / f"{case.slug}.profile.json" if args.profile else None
                 try:
                     row = run_case(case, flops, flags, env, profile_out)

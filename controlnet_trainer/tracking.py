@@ -1,10 +1,11 @@
-"""What the run directory says about itself: resolved options, the plan, and metrics."""
+"""What the run directory says about itself: resolved options, the plan, metrics and start-up time."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -62,6 +63,31 @@ class MetricsLog:
         """On resume, forget records of steps that the checkpoint does not contain."""
         kept = [r for r in read_metrics(self.path.parent) if r["step"] <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class StartupClock:
+    """How long each part of the start-up took, the wait before the first step.
+
+    On a GPU a short run can spend most of its time here (loading, the cache build, moving
+    models), so the run says where: ``lap`` closes a part, timed from the previous lap.
+    """
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, part: str) -> None:
+        now = time.perf_counter()
+        self.seconds[part] = now - self._last
+        self._last = now
+
+    def metrics(self) -> dict:
+        parts = {f"startup/{part}_seconds": seconds for part, seconds in self.seconds.items()}
+        return {"startup_seconds": sum(self.seconds.values())} | parts
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{part.replace('_', ' ')} {seconds:.1f} s" for part, seconds in self.seconds.items())
+        return f"{sum(self.seconds.values()):.1f} s ({parts})"
 
 
 def device_memory(device) -> dict:

@@ -71,6 +71,7 @@ class RunResult:
 
 def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     """Train a ControlNet as the flags say; returns where it ended."""
+    clock = tracking.StartupClock()
     output_dir = Path(args.output_dir)
     resume_path = checkpointing.resolve_resume(output_dir, args.resume_from_checkpoint)
     if resume_path is None:
@@ -87,6 +88,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     set_seed(seed)  # also seeds Accelerate's sampler, so data order is a function of the epoch
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
+    clock.lap("accelerator")
 
     rows, held_out, num_samples = training_rows(accelerator, args, seed)
     sampler = bucket_sampler(accelerator, args, rows, seed)
@@ -100,6 +102,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     )
     if args.dry_run:
         return RunResult(output_dir, 0, plan={"family": family.name, "plan": plan.to_json()})
+    clock.lap("data")
 
     models = load_models(args, family)
     freeze_and_place(
@@ -110,25 +113,21 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         custom_vae=bool(getattr(args, "pretrained_vae_model_name_or_path", None)),
     )
     enable_memory_options(args, models, accelerator.device)
+    clock.lap("models")
     transform = make_transform(args)
     probe = None
     if held_out is not None:
         probe = fidelity.probe_for_training(
             args, held_out, models, family, transform=transform, weight_dtype=plan.weight_dtype, seed=seed
         )
+        clock.lap("fidelity_probe")
     row_buckets = None if sampler is None else sampler.buckets_of_samples
     embeddings = cache.prepare_cache(accelerator, args, family, models, rows, transform, row_buckets)
     offloaded = offload_cached_encoders(args, models)
+    if embeddings is not None:
+        clock.lap("embeddings_cache")
     optimizer = make_optimizer(args, models.controlnet.parameters(), plan.learning_rate, accelerator.device)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler,
-        optimizer=optimizer,
-        # The prepared scheduler steps once per process per optimizer step.
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=plan.max_train_steps * accelerator.num_processes,
-        num_cycles=args.lr_num_cycles,
-        power=args.lr_power,
-    )
+    lr_scheduler = make_lr_scheduler(args, optimizer, plan, accelerator.num_processes)
     ema = make_ema(args, models.controlnet, accelerator.device)
     checkpointing.register_model_hooks(accelerator, ema)
     # The ranks' per-step agreements; it waits as long as the main group (--ddp_timeout).
@@ -137,19 +136,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
         batches = stream_batches(accelerator, args, rows, transform, seed, host_group)
         models.controlnet, optimizer, lr_scheduler = accelerator.prepare(models.controlnet, optimizer, lr_scheduler)
     else:
-        dataset = data.ControlNetDataset(
-            rows,
-            data.columns_from_args(args),
-            transform,
-            with_image=not args.cache_latents,
-            buckets=row_buckets,
-        )
-        loader = data.make_dataloader(
-            dataset,
-            batch_size=args.train_batch_size,
-            num_workers=args.dataloader_num_workers,
-            batch_sampler=sampler,
-        )
+        loader = make_loader(args, rows, transform, sampler)
         # DeepSpeed reads the micro-batch size from a loader prepared together with the model.
         models.controlnet, optimizer, loader, lr_scheduler = accelerator.prepare(
             models.controlnet, optimizer, loader, lr_scheduler
@@ -159,14 +146,19 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     metrics = tracking.MetricsLog(accelerator, output_dir)
     progress = starting_progress(accelerator, resume_path, seed, [args.train_batch_size, accelerator.num_processes])
     if accelerator.is_main_process:
-        # Records of steps past the checkpoint (or of a run killed before its first one) are
-        # replaced by the ones this run writes.
-        metrics.drop_after(progress.global_step)
+        # Records of steps past the checkpoint are replaced by the ones this run writes; a run
+        # that starts afresh (in the folder of a run killed before its first checkpoint, or of a
+        # run that saved none) replaces them all, those of its step 0 too.
+        metrics.drop_after(progress.global_step if resume_path is not None else -1)
         tracking.write_options(output_dir, args, plan, family.name)
     accelerator.init_trackers(args.tracker_project_name, config=tracking.tracker_config(args, plan))
+    clock.lap("optimizer_and_loader" if resume_path is None else "optimizer_loader_and_resume")
     log_plan(accelerator, plan, progress)
     if probe is not None and progress.global_step == 0:  # the EMA equals the weights here
         metrics.log(probe.evaluate(models.controlnet, accelerator=accelerator).to_metrics(), step=0)
+        clock.lap("fidelity_at_step_0")
+    logger.info("Ready to train after %s", clock.summary())
+    metrics.log(clock.metrics(), step=progress.global_step)
 
     with stop_on_signals(host_group) as stop:
         progress, stopped = train_loop(
@@ -362,6 +354,32 @@ def bucket_sampler(accelerator: Accelerator, args: argparse.Namespace, rows, see
     assigned = [shares[index % processes][index // processes] for index in range(len(rows))]
     logger.info("Aspect-ratio buckets (height, width): samples: %s", buckets.summarize(assigned))
     return buckets.BucketBatchSampler(assigned, args.train_batch_size, seed)
+
+
+def make_lr_scheduler(args: argparse.Namespace, optimizer, plan: TrainPlan, num_processes: int):
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        # The prepared scheduler steps once per process per optimizer step.
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=plan.max_train_steps * num_processes,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
+    )
+
+
+def make_loader(args: argparse.Namespace, rows, transform, sampler) -> torch.utils.data.DataLoader:
+    """The map-style loader; without the target images when their latents are cached."""
+    dataset = data.ControlNetDataset(
+        rows,
+        data.columns_from_args(args),
+        transform,
+        with_image=not args.cache_latents,
+        buckets=None if sampler is None else sampler.buckets_of_samples,
+    )
+    return data.make_dataloader(
+        dataset, batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers, batch_sampler=sampler
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -728,6 +746,7 @@ def log_plan(accelerator: Accelerator, plan: TrainPlan, progress: TrainingProgre
 def finish(accelerator, args, family, models, plan, ema: EMAModel | None, repo_id: str | None) -> None:
     """Final weights (the EMA's, with --use_ema) at the output root, the model card, and the
     optional upload."""
+    started = time.perf_counter()
     accelerator.wait_for_everyone()
     controlnet = final_controlnet(accelerator, models.controlnet, ema)
     if not accelerator.is_main_process:
@@ -737,9 +756,10 @@ def finish(accelerator, args, family, models, plan, ema: EMAModel | None, repo_i
     if args.save_single_file:
         export.save_single_file(controlnet, output_dir / hub.SINGLE_FILE)
     records = tracking.read_metrics(output_dir)
-    if records:  # none where a run resumed from another folder had no step left to take
+    # No step was logged where a run resumed from another folder had no step left to take.
+    if any("loss" in record for record in records):
         plots.plot_training_curves(records, output_dir / hub.CURVES_FILE)
     hub.write_model_card(output_dir, args, plan, family.name)
     if repo_id is not None:
         hub.push_to_hub(output_dir, repo_id, args)
-    logger.info("Saved the ControlNet to %s", output_dir)
+    logger.info("Saved the ControlNet to %s (%.1f s)", output_dir, time.perf_counter() - started)

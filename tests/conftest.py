@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -102,6 +103,15 @@ def train_argv(assets: dict[str, Path], output_dir: Path, *, sdxl: bool = False,
         else:
             argv.append(f"--{name}={value}")
     return argv
+
+
+def step_records(output_dir: Path) -> list[dict]:
+    """metrics.jsonl's records of training steps (those with a loss): not the start-up record nor
+    the fidelity records that share its file."""
+    path = output_dir / "metrics.jsonl"
+    # Whole lines only: tests poll the file while a run is writing it.
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [record for record in map(json.loads, lines) if "loss" in record]
 
 
 def straight_and_resumed(assets: dict[str, Path], root: Path, stop_at: int, **flags) -> tuple[dict, dict]:

@@ -10,7 +10,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import straight_and_resumed, train_argv
+from conftest import step_records, straight_and_resumed, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer import data, fixtures
@@ -125,7 +125,7 @@ def test_bucketed_latents_are_cached_per_bucket(assets, mixed_shapes, tmp_path):
 
 
 def losses(output_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in step_records(output_dir)]
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from conftest import ROOT, script_env, straight_and_resumed, train_argv
+from conftest import ROOT, script_env, step_records, straight_and_resumed, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
@@ -26,7 +25,7 @@ CACHE_FLAGS = {"cache_latents": True, "cache_text_embeddings": True}
 
 
 def losses(output_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [record["loss"] for record in step_records(output_dir)]
 
 
 def cache_dirs(root) -> set[str]:

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import RESOLUTION, ROOT, script_env, train_argv
+from conftest import RESOLUTION, ROOT, script_env, step_records, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer import fixtures, training
@@ -110,7 +110,7 @@ def read_probe(directory: Path, rank: int) -> list[list[int]]:
 
 
 def metrics(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return step_records(output_dir)
 
 
 @pytest.fixture(scope="module")
@@ -458,7 +458,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(assets, tmp_path):
     argv = train_argv(assets, output_dir, train_batch_size=2, max_train_steps=400, checkpointing_steps=1000)
     process = start_two(ROOT / "train_controlnet.py", argv)
     deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while not ((output_dir / "metrics.jsonl").exists() and (output_dir / "metrics.jsonl").read_text().count("\n") >= 2):
+    while len(step_records(output_dir)) < 2:
         assert process.poll() is None and time.monotonic() < deadline, "training ended before a signal could be sent"
         time.sleep(0.05)
     pid = rank_pid(process, 1)

@@ -10,7 +10,7 @@ import sys
 import time
 
 import torch
-from conftest import ROOT, script_env, train_argv
+from conftest import ROOT, script_env, step_records, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.checkpointing import list_checkpoints
@@ -23,10 +23,9 @@ def kill_after(argv: list[str], output_dir, steps_done: int, extra_seconds: floa
     """Run until ``steps_done`` steps are logged, wait a little longer, SIGKILL; False if it finished."""
     command = [sys.executable, str(ROOT / "train_controlnet.py"), *argv]
     process = subprocess.Popen(command, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = output_dir / "metrics.jsonl"
     deadline = time.monotonic() + timeout
     while process.poll() is None and time.monotonic() < deadline:
-        logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        logged = len(step_records(output_dir))
         if logged >= steps_done:
             time.sleep(extra_seconds)
             break
@@ -63,7 +62,5 @@ def test_sigkill_at_random_moments_then_resume_is_exact(assets, tmp_path):
     killed = load_file(output_dir / "diffusion_pytorch_model.safetensors")
     straight = load_file(tmp_path / "straight" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(killed[k], straight[k]) for k in straight)
-    steps = [
-        int(line.split('"step": ')[1].split(",")[0]) for line in (output_dir / "metrics.jsonl").read_text().splitlines()
-    ]
+    steps = [record["step"] for record in step_records(output_dir)]
     assert steps == list(range(1, 15))  # one record per step: the killed runs' extras were dropped

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import ROOT, script_env, train_argv
+from conftest import ROOT, script_env, step_records, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
@@ -41,7 +41,7 @@ def test_bad_input_exits_with_one_paragraph(assets, tmp_path):
 def wait_for_step(metrics: Path, step: int, process: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+        if len(step_records(metrics.parent)) >= step:
             return
         assert process.poll() is None, process.communicate()[1][-3000:]
         time.sleep(0.05)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.utils import DistributedType
-from conftest import train_argv
+from conftest import step_records, train_argv
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
 from PIL import Image
 from safetensors.torch import load_file
@@ -28,8 +28,7 @@ def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def logged_losses(output_dir: Path) -> list[float]:
-    records = (json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines())
-    return [record["loss"] for record in records if "loss" in record]
+    return [record["loss"] for record in step_records(output_dir)]
 
 
 def test_total_limit_keeps_newest_two(assets, tmp_path):
@@ -85,7 +84,7 @@ def test_output_tree_and_final_model_generates(assets, tmp_path):
         assert "hf_secret_value" not in (tmp_path / name).read_text()
     options = json.loads((tmp_path / "training_options.json").read_text())
     assert options["plan"]["max_train_steps"] == 2 and options["arguments"]["hub_token"] == "***"
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    metrics = step_records(tmp_path)
     assert [m["step"] for m in metrics] == [1, 2] and all(m["loss"] > 0 for m in metrics)
 
     controlnet = ControlNetModel.from_pretrained(tmp_path)
@@ -346,9 +345,40 @@ def test_skip_bad_images_trains_on_the_rest(assets, tmp_path):
     run(train_argv(assets, tmp_path / "b", dataset_name=tmp_path / "data", skip_bad_images=True, dry_run=True))
 
 
+def test_each_start_logs_where_the_wait_before_its_first_step_went(assets, tmp_path):
+    """A start-up record per run (a resume adds its own), its parts adding up to its total."""
+    flags = dict(max_train_steps=2, cache_latents=True, embeddings_cache_dir=tmp_path / "cache")
+    started = time.perf_counter()
+    run(train_argv(assets, tmp_path / "out", stop_at_step=1, **flags))
+    first_run_seconds = time.perf_counter() - started
+    run(train_argv(assets, tmp_path / "out", resume_from_checkpoint="latest", **flags))
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    startups = [r for r in records if "startup_seconds" in r]
+    assert [r["step"] for r in startups] == [0, 1]
+    parts = [{k.removeprefix("startup/"): v for k, v in r.items() if k.startswith("startup/")} for r in startups]
+    common = ["accelerator_seconds", "data_seconds", "models_seconds", "embeddings_cache_seconds"]
+    assert list(parts[0]) == [*common, "optimizer_and_loader_seconds"]
+    assert list(parts[1]) == [*common, "optimizer_loader_and_resume_seconds"]
+    for record, laps in zip(startups, parts, strict=True):
+        assert all(seconds >= 0 for seconds in laps.values())
+        assert sum(laps.values()) == pytest.approx(record["startup_seconds"])
+    assert 0 < startups[0]["startup_seconds"] < first_run_seconds
+    assert [r["step"] for r in step_records(tmp_path / "out")] == [1, 2]  # one step record each
+
+
+def test_a_fresh_run_in_a_used_folder_replaces_all_its_records(assets, tmp_path):
+    """Step 0's records (fidelity, start-up) of an earlier run without checkpoints are not kept."""
+    for _ in range(2):
+        run(train_argv(assets, tmp_path, max_train_steps=2, fidelity_samples=4))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    at_step_0 = [sorted(r)[0] for r in records if r["step"] == 0]
+    assert at_step_0 == ["fidelity/blank", "startup/accelerator_seconds"]  # one of each
+    assert [r["step"] for r in step_records(tmp_path)] == [1, 2]
+
+
 def test_logging_steps_reads_the_loss_back_every_n_steps(assets, tmp_path):
     run(train_argv(assets, tmp_path, max_train_steps=7, logging_steps=3, checkpointing_steps=5))
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = step_records(tmp_path)
     # Every 3 steps, before the checkpoint at 5, and at the end.
     assert [r["step"] for r in records] == [3, 5, 6, 7]
 
@@ -392,7 +422,7 @@ def test_step_time_includes_the_wait_at_the_loss_read_back(assets, tmp_path, mon
 
     monkeypatch.setattr(training, "mean_loss", slow_read_back)
     run(train_argv(assets, tmp_path, max_train_steps=4, logging_steps=2))
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = step_records(tmp_path)
     assert [r["step"] for r in records] == [2, 4]
     assert all(r["step_seconds"] >= 0.25 for r in records)  # 0.5 s over a window of 2 steps
 

@@ -1,0 +1,62 @@
+"""benchmarks/gpu_benchmark.py on the tiny fixtures: what it reports, and a kept --work_dir."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, script_env
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_benchmark import block_means, startup_parts
+
+
+def test_steps_are_compared_in_the_same_blocks_whatever_the_logging_interval():
+    every_step = [{"step": s, "step_seconds": float(s)} for s in range(1, 11)]
+    every_five = [{"step": 5, "step_seconds": 3.0}, {"step": 10, "step_seconds": 8.0}]
+    assert block_means(every_step) == block_means(every_five) == [3.0, 8.0]
+
+
+def test_startup_parts_come_from_the_trainers_startup_record():
+    records = [
+        {"step": 0, "startup_seconds": 3.0, "startup/models_seconds": 1.0, "startup/embeddings_cache_seconds": 2.0},
+        {"step": 5, "loss": 0.1, "step_seconds": 0.2},
+    ]
+    assert startup_parts(records) == {
+        "startup_seconds": 3.0,
+        "startup_parts_seconds": {"models": 1.0, "embeddings_cache": 2.0},
+    }
+    assert startup_parts(records[1:]) == {}
+
+
+def test_a_kept_work_dir_is_reused_by_the_next_run(tmp_path):
+    work, out, logs = tmp_path / "work", tmp_path / "results.json", tmp_path / "logs"
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_benchmark.py"),
+        "--tiny",
+        "--families=sd15",
+        "--only=b2 cached default",
+        "--steps=10",
+        f"--work_dir={work}",
+        f"--out={out}",
+        f"--logs={logs}",
+    ]
+
+    def bench() -> dict:
+        done = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (case,) = json.loads(out.read_text())["cases"]
+        assert "error" not in case, case.get("error")
+        return case
+
+    first = bench()
+    assert {"models", "embeddings_cache"} <= set(first["startup_parts_seconds"])
+    assert 0 < first["startup_seconds"] < first["process_seconds_outside_steps"]
+    weights = sorted((work / "model-sd15-tiny").rglob("*.safetensors"))
+    built = [path.stat().st_mtime_ns for path in weights]
+    bench()
+    assert [path.stat().st_mtime_ns for path in weights] == built  # the models were not rebuilt
+    assert "Reusing the embeddings cached" in (logs / "tiny-sd_b2_cached_default.log").read_text()
