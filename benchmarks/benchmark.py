@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_training(flags: list[str], env: dict, *, sdxl: bool = False, profile_out: Path | None = None) -> dict:
-    """One training process; returns its wall time, peak RSS (MiB) and metrics records.
+    """One training process; returns its wall time, peak RSS (MiB; None where it cannot be told
+    from this process's own) and metrics records.
     With ``profile_out``, the process runs under ``profile_step.py``, which writes its summary there."""
     script = "train_controlnet_sdxl.py" if sdxl else "train_controlnet.py"
     command = [sys.executable, str(ROOT / script), *flags]
@@ -64,8 +65,10 @@ def run_training(flags: list[str], env: dict, *, sdxl: bool = False, profile_out
     peak = usage.ru_maxrss / 1024
     # Linux carries the parent's peak into a child's at exec, so a child's figure is only its own
     # while this process stays smaller (main() builds big models in subprocesses for that).
+    # None then: a figure that is the caller's, not the child's (the GPU benchmark, which builds
+    # models in its own process and reports GPU memory, does not use it).
     if peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:
-        raise RuntimeError(f"peak RSS of {output_dir.name} is hidden under the benchmark process's own")
+        peak = None
     return {"wall_seconds": wall, "peak_rss_mib": peak, "records": records, "log": log}
 
 
@@ -87,6 +90,10 @@ def train_section(assets: Path, work: Path, env: dict, *, steps: int, warmup: in
     for family, model, resolution in cases:
         for cached in (False, True):
             rows.append(train_case(assets, work, env, family, model, resolution, cached, steps=steps, warmup=warmup))
+    # Counting FLOPs imports torch here, which would raise this process's peak RSS, and with it
+    # every later child's (see run_training): so only once the timed runs are over.
+    for row, (family, model, resolution) in zip(rows[1::2], cases, strict=True):
+        row["flop_bound_speedup"] = flop_bound(assets / model, resolution)
     return rows
 
 
@@ -117,6 +124,8 @@ def train_case(assets, work, env, family, model, resolution, cached, *, steps, w
     timed = run_training(flags(f"{name}-steps", steps), env, sdxl=family == "sdxl")
     short = run_training(flags(f"{name}-6", 6), env, sdxl=family == "sdxl")
     step = median_step(timed["records"], warmup)
+    if timed["peak_rss_mib"] is None:
+        raise RuntimeError(f"peak RSS of {name} is hidden under the benchmark process's own")
     return {
         "case": name,
         "seconds_per_step": step,
@@ -124,7 +133,7 @@ def train_case(assets, work, env, family, model, resolution, cached, *, steps, w
         "peak_rss_mib": timed["peak_rss_mib"],
         "six_step_process_seconds": short["wall_seconds"],
         "cache_build_process_seconds": build_seconds,
-        "flop_bound_speedup": flop_bound(assets / model, resolution) if cached else None,
+        "flop_bound_speedup": None,  # the cached rows' is filled in by train_section
     }
 
 
@@ -214,29 +223,37 @@ def print_table(results: dict) -> None:
         print(f"\n{results['fidelity']['case']}: {gaps}")
 
 
+def build_assets(assets: Path, *, quick: bool) -> None:
+    from controlnet_trainer import fixtures, reference_models
+
+    fixtures.build_fill_dataset(assets / "fill", num_rows=400, size=128)
+    fixtures.build_tiny_sd(assets / "tiny-sd")
+    fixtures.build_tiny_sd(assets / "tiny-sd-sd15-vae", vae_channels=fixtures.SD15_PROPORTIONED_VAE_CHANNELS)
+    reference_models.build_reference("sd15", assets / "sd15-quarter-width", width_divisor=4)
+    if not quick:
+        fixtures.build_tiny_sdxl(assets / "tiny-sdxl")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--quick", action="store_true", help="SD 64 px only, fewer steps, no fidelity run")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--fidelity_steps", type=int, default=400)
+    parser.add_argument("--build_assets", default=None, help=argparse.SUPPRESS)  # the child that builds them
     args = parser.parse_args()
-
-    from controlnet_trainer import fixtures
+    if args.build_assets:
+        build_assets(Path(args.build_assets), quick=args.quick)
+        return
 
     env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
         assets = work / "assets"
-        fixtures.build_fill_dataset(assets / "fill", num_rows=400, size=128)
-        fixtures.build_tiny_sd(assets / "tiny-sd")
-        fixtures.build_tiny_sd(assets / "tiny-sd-sd15-vae", vae_channels=fixtures.SD15_PROPORTIONED_VAE_CHANNELS)
-        # In a process of its own: its 280 MB of weights would raise this process's peak RSS,
-        # which Linux carries into every child's.
-        build = ["-m", "controlnet_trainer.reference_models", "sd15", str(assets / "sd15-quarter-width")]
-        subprocess.run([sys.executable, *build, "--width_divisor=4"], env=env, check=True, stdout=subprocess.DEVNULL)
-        if not args.quick:
-            fixtures.build_tiny_sdxl(assets / "tiny-sdxl")
+        # In a process of its own, as everything that imports torch before the timed runs: this
+        # process's peak RSS would otherwise become every child's (see run_training).
+        build = [__file__, f"--build_assets={assets}", *(["--quick"] if args.quick else [])]
+        subprocess.run([sys.executable, *build], env=env, check=True, stdout=subprocess.DEVNULL)
         steps = 12 if args.quick else args.steps
         results = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
