@@ -1,14 +1,16 @@
 """Speed, memory and learning benchmarks on the offline fixtures; prints a table, writes JSON.
 
-    python benchmarks/benchmark.py [--out benchmarks/results.json] [--quick]
+    python benchmarks/benchmark.py [--out benchmarks/results.json] [--quick] [--rounds 5] [--steps 20]
 
 Sections:
 - ``train``: the CPU cost of an optimizer step for SD and SDXL tiny fixtures at 64 and 128 px,
   batch 4. It compares the way diffusers' script trains (VAE and text encoders every step) with
-  the cached path (``--cache_latents --cache_text_embeddings``). Each configuration is one real
-  training process. It reports the median seconds per optimizer step after warm-up, samples per
-  second, the peak resident memory of the process, and the whole-process time of a 6-step run.
-  The cached path is measured with its cache already built; the build time is reported apart.
+  the cached path (``--cache_latents --cache_text_embeddings``). Every run is one real training
+  process. The two paths of a case run in turn, ``--rounds`` times each; a round's step time is
+  the median after warm-up, a path's is the median of its rounds, and the speed-up is the median
+  of the rounds' ratios, printed with their range. It also reports samples per second, the peak
+  resident memory of the process, and the whole-process time of a 6-step run. The cached path is
+  measured with its cache already built; the build time is reported apart.
   One more SD case uses a VAE whose encoder has SD 1.5's share of a step's FLOPs
   (``fixtures.SD15_PROPORTIONED_VAE_CHANNELS``); the default tiny VAE has a tenth of it. The
   tiny models' steps are bound by per-operator overhead, not arithmetic, so the last case is
@@ -31,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -77,7 +80,9 @@ def median_step(records: list[dict], warmup: int) -> float:
     return statistics.median(times)
 
 
-def train_section(assets: Path, work: Path, env: dict, *, steps: int, warmup: int, quick: bool) -> list[dict]:
+def train_section(
+    assets: Path, work: Path, env: dict, *, steps: int, warmup: int, rounds: int, quick: bool
+) -> list[dict]:
     rows = []
     families = [("sd", "tiny-sd")] if quick else [("sd", "tiny-sd"), ("sdxl", "tiny-sdxl")]
     cases = [
@@ -88,8 +93,7 @@ def train_section(assets: Path, work: Path, env: dict, *, steps: int, warmup: in
     # SD 1.5's structure with weights enough that a CPU step is arithmetic, not overhead.
     cases.append(("sd", "sd15-quarter-width", 64))
     for family, model, resolution in cases:
-        for cached in (False, True):
-            rows.append(train_case(assets, work, env, family, model, resolution, cached, steps=steps, warmup=warmup))
+        rows.extend(train_pair(assets, work, env, family, model, resolution, steps=steps, warmup=warmup, rounds=rounds))
     # Counting FLOPs imports torch here, which would raise this process's peak RSS, and with it
     # every later child's (see run_training): so only once the timed runs are over.
     for row, (family, model, resolution) in zip(rows[1::2], cases, strict=True):
@@ -97,44 +101,81 @@ def train_section(assets: Path, work: Path, env: dict, *, steps: int, warmup: in
     return rows
 
 
-def train_case(assets, work, env, family, model, resolution, cached, *, steps, warmup) -> dict:
-    name = f"{model.removeprefix('tiny-')}-{resolution}px-{'cached' if cached else 'uncached'}"
-    cache_flags = ["--cache_latents", "--cache_text_embeddings", f"--embeddings_cache_dir={work / 'cache'}"]
+def round_order(round_index: int) -> tuple[bool, bool]:
+    """Which path runs first in a round (``cached`` flags): uncached first, then cached first, and so
+    on, so that a CPU slowing down or speeding up over the rounds favours neither path."""
+    return (False, True) if round_index % 2 == 0 else (True, False)
 
-    def flags(output: str, max_steps: int) -> list[str]:
-        return [
-            f"--pretrained_model_name_or_path={assets / model}",
-            f"--dataset_name={assets / 'fill'}",
-            f"--output_dir={work / output}",
-            f"--resolution={resolution}",
-            "--train_batch_size=4",
-            "--learning_rate=1e-4",
-            "--lr_warmup_steps=0",
-            f"--max_train_steps={max_steps}",
-            "--checkpointing_steps=100000",
-            "--report_to=none",
-            "--seed=0",
-            *(cache_flags if cached else []),
-        ]
 
-    build_seconds = None
-    if cached:  # build the cache first so the measured runs see a warm one
-        built = run_training(flags(f"{name}-build", 1), env, sdxl=family == "sdxl")
-        build_seconds = built["wall_seconds"]
-    timed = run_training(flags(f"{name}-steps", steps), env, sdxl=family == "sdxl")
-    short = run_training(flags(f"{name}-6", 6), env, sdxl=family == "sdxl")
-    step = median_step(timed["records"], warmup)
-    if timed["peak_rss_mib"] is None:
-        raise RuntimeError(f"peak RSS of {name} is hidden under the benchmark process's own")
-    return {
-        "case": name,
-        "seconds_per_step": step,
-        "samples_per_second": 4 / step,
-        "peak_rss_mib": timed["peak_rss_mib"],
-        "six_step_process_seconds": short["wall_seconds"],
-        "cache_build_process_seconds": build_seconds,
-        "flop_bound_speedup": None,  # the cached rows' is filled in by train_section
+def paired_speedup(uncached: list[float], cached: list[float]) -> dict:
+    """The cache's speed-up from seconds per step measured round by round: the median of the
+    rounds' ratios, and their range, which shows how far one round can be trusted."""
+    ratios = [u / c for u, c in zip(uncached, cached, strict=True)]
+    return {"speedup": statistics.median(ratios), "speedup_by_round": ratios}
+
+
+def train_pair(assets, work, env, family, model, resolution, *, steps, warmup, rounds) -> list[dict]:
+    """The uncached and the cached row of one case. Their timed runs alternate, round by round:
+    on a shared machine the same run's step time moves by 20% from one minute to the next, so two
+    runs minutes apart give a ratio that is mostly the machine's drift."""
+    sdxl = family == "sdxl"
+    names = {
+        cached: f"{model.removeprefix('tiny-')}-{resolution}px-{'cached' if cached else 'uncached'}"
+        for cached in (False, True)
     }
+
+    def run(cached: bool, label: str, max_steps: int) -> dict:
+        output = work / f"{names[cached]}-{label}"
+        result = run_training(case_flags(assets, work, model, resolution, cached, output, max_steps), env, sdxl=sdxl)
+        shutil.rmtree(output)  # the saved ControlNets would add up to gigabytes over the rounds
+        return result
+
+    built = run(True, "build", 1)  # so that the timed cached runs find the cache built
+    timed = {False: [], True: []}
+    for round_index in range(rounds):
+        for cached in round_order(round_index):
+            timed[cached].append(run(cached, f"round{round_index}", steps))
+    rows = []
+    for cached in (False, True):
+        peaks = [result["peak_rss_mib"] for result in timed[cached]]
+        if None in peaks:
+            raise RuntimeError(f"peak RSS of {names[cached]} is hidden under the benchmark process's own")
+        by_round = [median_step(result["records"], warmup) for result in timed[cached]]
+        step = statistics.median(by_round)
+        rows.append(
+            {
+                "case": names[cached],
+                "seconds_per_step": step,
+                "seconds_per_step_by_round": by_round,
+                "samples_per_second": 4 / step,
+                "peak_rss_mib": max(peaks),
+                "six_step_process_seconds": run(cached, "6", 6)["wall_seconds"],
+                "cache_build_process_seconds": built["wall_seconds"] if cached else None,
+                "flop_bound_speedup": None,  # the cached rows' is filled in by train_section
+            }
+        )
+    rows[1].update(paired_speedup(rows[0]["seconds_per_step_by_round"], rows[1]["seconds_per_step_by_round"]))
+    return rows
+
+
+def case_flags(
+    assets: Path, work: Path, model: str, resolution: int, cached: bool, output: Path, max_steps: int
+) -> list[str]:
+    cache_flags = ["--cache_latents", "--cache_text_embeddings", f"--embeddings_cache_dir={work / 'cache'}"]
+    return [
+        f"--pretrained_model_name_or_path={assets / model}",
+        f"--dataset_name={assets / 'fill'}",
+        f"--output_dir={output}",
+        f"--resolution={resolution}",
+        "--train_batch_size=4",
+        "--learning_rate=1e-4",
+        "--lr_warmup_steps=0",
+        f"--max_train_steps={max_steps}",
+        "--checkpointing_steps=100000",
+        "--report_to=none",
+        "--seed=0",
+        *(cache_flags if cached else []),
+    ]
 
 
 def flop_bound(model_dir: Path, resolution: int) -> float:
@@ -208,11 +249,12 @@ def print_table(results: dict) -> None:
     for row in results["train"]:
         if row["case"].endswith("-cached"):
             base = by_case[row["case"].replace("-cached", "-uncached")]
-            speedup = base["seconds_per_step"] / row["seconds_per_step"]
             memory = row["peak_rss_mib"] / base["peak_rss_mib"]
+            ratios = row["speedup_by_round"]
             print(
-                f"  {row['case']}: {speedup:.2f}x faster per step (FLOPs allow "
-                f"{row['flop_bound_speedup']:.2f}x), peak memory x{memory:.2f}"
+                f"  {row['case']}: {row['speedup']:.2f}x faster per step (median of {len(ratios)} rounds, "
+                f"{min(ratios):.2f}x to {max(ratios):.2f}x; FLOPs allow {row['flop_bound_speedup']:.2f}x), "
+                f"peak memory x{memory:.2f}"
             )
     if "data" in results:
         print(
@@ -238,7 +280,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--quick", action="store_true", help="SD 64 px only, fewer steps, no fidelity run")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of each timed run")
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="timed runs of each path per case, uncached and cached in turn"
+    )
     parser.add_argument("--fidelity_steps", type=int, default=400)
     parser.add_argument("--build_assets", default=None, help=argparse.SUPPRESS)  # the child that builds them
     args = parser.parse_args()
@@ -254,12 +299,12 @@ def main() -> None:
         # process's peak RSS would otherwise become every child's (see run_training).
         build = [__file__, f"--build_assets={assets}", *(["--quick"] if args.quick else [])]
         subprocess.run([sys.executable, *build], env=env, check=True, stdout=subprocess.DEVNULL)
-        steps = 12 if args.quick else args.steps
+        steps, rounds = (12, 3) if args.quick else (args.steps, args.rounds)
         results = {
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
             f"{platform.python_version()}",
             "command": " ".join(sys.argv),
-            "train": train_section(assets, work, env, steps=steps, warmup=3, quick=args.quick),
+            "train": train_section(assets, work, env, steps=steps, warmup=3, rounds=rounds, quick=args.quick),
             "data": data_section(work, samples=16 if args.quick else 64),
         }
         if not args.quick:
