@@ -109,7 +109,7 @@ def round_order(round_index: int) -> tuple[bool, bool]:
 
 def paired_speedup(uncached: list[float], cached: list[float]) -> dict:
     """The cache's speed-up from seconds per step measured round by round: the median of the
-    rounds' ratios, and their range, which shows how far one round can be trusted."""
+    rounds' ratios, and the ratios, whose range shows how far one round can be trusted."""
     ratios = [u / c for u, c in zip(uncached, cached, strict=True)]
     return {"speedup": statistics.median(ratios), "speedup_by_round": ratios}
 
@@ -279,7 +279,9 @@ def build_assets(assets: Path, *, quick: bool) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
-    parser.add_argument("--quick", action="store_true", help="SD 64 px only, fewer steps, no fidelity run")
+    parser.add_argument(
+        "--quick", action="store_true", help="no SDXL, no 128 px, 3 rounds of 12 steps, no fidelity run"
+    )
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps of each timed run")
     parser.add_argument(
         "--rounds", type=int, default=5, help="timed runs of each path per case, uncached and cached in turn"
