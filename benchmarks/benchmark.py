@@ -46,8 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def run_training(flags: list[str], env: dict, *, sdxl: bool = False, profile_out: Path | None = None) -> dict:
-    """One training process; returns its wall time, peak RSS (MiB; None where it cannot be told
-    from this process's own) and metrics records.
+    """One training process; returns its wall time, its start and end on the wall clock (to set
+    against its log's timestamps), peak RSS (MiB; None where it cannot be told from this
+    process's own) and metrics records.
     With ``profile_out``, the process runs under ``profile_step.py``, which writes its summary there."""
     script = "train_controlnet_sdxl.py" if sdxl else "train_controlnet.py"
     command = [sys.executable, str(ROOT / script), *flags]
@@ -56,12 +57,12 @@ def run_training(flags: list[str], env: dict, *, sdxl: bool = False, profile_out
         command = [sys.executable, *profiler, "--", *flags]
     output_dir = Path(next(f.split("=", 1)[1] for f in flags if f.startswith("--output_dir=")))
     log = output_dir.with_name(output_dir.name + ".log")
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     # stderr goes to a file: a pipe read only at the end would fill up and stall the run.
     with open(log, "w") as stderr:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
+    wall, ended_at = time.perf_counter() - started, time.time()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"training failed: {' '.join(command)}\n{log.read_text()[-3000:]}")
     records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -72,7 +73,14 @@ def run_training(flags: list[str], env: dict, *, sdxl: bool = False, profile_out
     # models in its own process and reports GPU memory, does not use it).
     if peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:
         peak = None
-    return {"wall_seconds": wall, "peak_rss_mib": peak, "records": records, "log": log}
+    return {
+        "wall_seconds": wall,
+        "started_at": started_at,
+        "ended_at": ended_at,
+        "peak_rss_mib": peak,
+        "records": records,
+        "log": log,
+    }
 
 
 def median_step(records: list[dict], warmup: int) -> float:

@@ -27,9 +27,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -50,6 +52,7 @@ from controlnet_trainer import fixtures, reference_models
 PEAK_BF16_FLOPS = 989e12
 LOG_EVERY = 5  # steps per timed window; the first window (warm-up, compilation) is left out
 MEMORY = ("--gradient_checkpointing", "--use_8bit_adam")
+LOG_STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")  # how a trainer log line begins
 SHORT_NAMES = {
     "--gradient_checkpointing": "ckpt",
     "--use_8bit_adam": "adam8bit",
@@ -155,6 +158,7 @@ def run_case(case: Case, flops: dict, flags: list[str], env: dict, profile_out: 
         # Start-up, loading, cache build and the final save: where a short run's time goes.
         "process_seconds_outside_steps": run["wall_seconds"] - sum(per_step_seconds(windows)),
         **startup_parts(records),
+        **log_edges(run["log"].read_text(), run["started_at"], run["ended_at"]),
         "log": str(run["log"]),
         **({"profile": json.loads(profile_out.read_text())} if profile_out else {}),
     }
@@ -168,6 +172,20 @@ def startup_parts(records: list[dict]) -> dict:
         return {}
     parts = {k.removeprefix("startup/").removesuffix("_seconds"): v for k, v in startup.items() if "/" in k}
     return {"startup_seconds": startup["startup_seconds"], "startup_parts_seconds": parts}
+
+
+def log_edges(log: str, started_at: float, ended_at: float) -> dict:
+    """What the process did before its first log line (Python's imports, mostly) and after its
+    last (the last is the final save's: after it, only the exit), in seconds. A slow exit once
+    hid 40 s of waiting for the data loader's workers."""
+    stamps = [
+        datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # logging's local time
+        for match in map(LOG_STAMP.match, log.splitlines())
+        if match
+    ]
+    if not stamps:
+        return {}
+    return {"before_first_log_seconds": stamps[0] - started_at, "after_last_log_seconds": ended_at - stamps[-1]}
 
 
 def per_step_seconds(windows: list[dict]) -> list[float]:
@@ -233,6 +251,12 @@ def print_row(row: dict) -> None:
         rest = row["process_seconds_outside_steps"] - row["startup_seconds"]
         print(
             f"    start-up {row['startup_seconds']:.1f} s ({parts}); imports, final save, exit {rest:.1f} s", flush=True
+        )
+    if "after_last_log_seconds" in row:
+        print(
+            f"    before the first log line (imports) {row['before_first_log_seconds']:.1f} s, "
+            f"after the last (exit) {row['after_last_log_seconds']:.1f} s",
+            flush=True,
         )
     if "profile" in row:  # where the step's time went, per kind of work
         profile = row["profile"]

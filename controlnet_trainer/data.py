@@ -344,6 +344,21 @@ def make_dataloader(
     )
 
 
+def stop_workers(loader: torch.utils.data.DataLoader) -> None:
+    """End a loader's persistent worker processes now, not whenever garbage collection frees it.
+
+    A prepared loader sits in reference cycles (Accelerate's objects), so its workers outlive
+    training. With pinned memory, PyTorch before 2.14 then waits for each at exit for 5 s before
+    killing it (pytorch/pytorch#81794): 40 s with 8 workers, measured on an H100. PyTorch has no
+    public call for this, so it uses the one its own garbage collection path calls.
+    """
+    base = getattr(loader, "base_dataloader", loader)  # the torch loader inside Accelerate's wrapper
+    iterator = getattr(base, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+        base._iterator = None
+
+
 def choose_caption(options: Sequence[str], proportion_empty: float, generator: torch.Generator) -> int:
     """Index of the caption to use (random among several), or -1 for the empty prompt, which
     replaces the caption with probability ``proportion_empty``."""

@@ -160,21 +160,26 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     logger.info("Ready to train after %s", clock.summary())
     metrics.log(clock.metrics(), step=progress.global_step)
 
-    with stop_on_signals(host_group) as stop:
-        progress, stopped = train_loop(
-            accelerator,
-            args,
-            family,
-            models,
-            plan,
-            batches,
-            optimizer,
-            lr_scheduler,
-            progress,
-            metrics,
-            stop,
-            Extras(probe, embeddings, offloaded, ema),
-        )
+    try:
+        with stop_on_signals(host_group) as stop:
+            progress, stopped = train_loop(
+                accelerator,
+                args,
+                family,
+                models,
+                plan,
+                batches,
+                optimizer,
+                lr_scheduler,
+                progress,
+                metrics,
+                stop,
+                Extras(probe, embeddings, offloaded, ema),
+            )
+    finally:
+        # A stream makes a loader per epoch, without persistent workers: exit does not wait on those.
+        if isinstance(batches, LoaderBatches):
+            batches.stop_workers()
     if not stopped:
         finish(accelerator, args, family, models, plan, ema, repo_id)
     accelerator.end_training()
@@ -382,17 +387,30 @@ def make_loader(args: argparse.Namespace, rows, transform, sampler) -> torch.uti
     )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class LoaderBatches:
     """Batches of the prepared, map-style loader, epoch by epoch."""
 
     accelerator: Accelerator
     loader: torch.utils.data.DataLoader
+    # A resumed epoch's loader, which skips the batches already trained on: a loader of its own,
+    # with worker processes of its own.
+    skipping: torch.utils.data.DataLoader | None = None
 
     def epoch(self, epoch: int, skip: int):
         """(the epoch's batches after the first ``skip``, micro-batches in the epoch)."""
         self.loader.set_epoch(epoch)
-        return (self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader), len(self.loader)
+        if self.skipping is not None:  # its epoch is over; its workers would sit idle to the end
+            data.stop_workers(self.skipping)
+            self.skipping = None
+        if skip:
+            self.skipping = self.accelerator.skip_first_batches(self.loader, skip)
+        return (self.loader if self.skipping is None else self.skipping), len(self.loader)
+
+    def stop_workers(self) -> None:
+        for loader in (self.loader, self.skipping):
+            if loader is not None:
+                data.stop_workers(loader)
 
 
 def stream_batches(accelerator: Accelerator, args: argparse.Namespace, stream, transform, seed: int, host_group):

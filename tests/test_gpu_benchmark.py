@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, script_env
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_benchmark import block_means, startup_parts
+from gpu_benchmark import block_means, log_edges, startup_parts
 
 
 def test_steps_are_compared_in_the_same_blocks_whatever_the_logging_interval():
@@ -29,6 +31,19 @@ def test_startup_parts_come_from_the_trainers_startup_record():
         "startup_parts_seconds": {"models": 1.0, "embeddings_cache": 2.0},
     }
     assert startup_parts(records[1:]) == {}
+
+
+def test_log_edges_time_the_process_before_its_first_log_line_and_after_its_last():
+    log = (
+        "Generating train split: 64 examples\n"
+        "2026-11-27 05:00:10,500 INFO controlnet_trainer.integrity: Checking that the images open\n"
+        "a warning without a timestamp\n"
+        "2026-11-27 05:00:40,250 INFO controlnet_trainer.training: Saved the ControlNet\n"
+    )
+    first = datetime.datetime(2026, 11, 27, 5, 0, 10, 500000).timestamp()
+    edges = log_edges(log, started_at=first - 20.5, ended_at=first + 29.75 + 41.0)
+    assert edges == pytest.approx({"before_first_log_seconds": 20.5, "after_last_log_seconds": 41.0})
+    assert log_edges("no timestamps\n", 0.0, 1.0) == {}
 
 
 def test_a_kept_work_dir_is_reused_by_the_next_run(tmp_path):
@@ -55,6 +70,8 @@ def test_a_kept_work_dir_is_reused_by_the_next_run(tmp_path):
     first = bench()
     assert {"models", "embeddings_cache"} <= set(first["startup_parts_seconds"])
     assert 0 < first["startup_seconds"] < first["process_seconds_outside_steps"]
+    edges = first["before_first_log_seconds"] + first["after_last_log_seconds"]
+    assert 0 < edges < first["process_seconds_outside_steps"] - first["startup_seconds"]
     weights = sorted((work / "model-sd15-tiny").rglob("*.safetensors"))
     built = [path.stat().st_mtime_ns for path in weights]
     bench()
