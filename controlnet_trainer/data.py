@@ -348,9 +348,9 @@ def stop_workers(loader: torch.utils.data.DataLoader) -> None:
     """End a loader's persistent worker processes now, not whenever garbage collection frees it.
 
     A prepared loader sits in reference cycles (Accelerate's objects), so its workers outlive
-    training. With pinned memory, PyTorch before 2.14 then waits for each at exit for 5 s before
-    killing it (pytorch/pytorch#81794): 40 s with 8 workers, measured on an H100. PyTorch has no
-    public call for this, so it uses the one its own garbage collection path calls.
+    training. With pinned memory, PyTorch 2.11 then waits 5 s for each at exit before killing it
+    (pytorch/pytorch#81794): 40 s with 8 workers, measured on an H100; 2.14 shuts them down at exit
+    instead. PyTorch has no public call for this, so this uses the one its garbage collection calls.
     """
     base = getattr(loader, "base_dataloader", loader)  # the torch loader inside Accelerate's wrapper
     iterator = getattr(base, "_iterator", None)

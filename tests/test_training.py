@@ -462,7 +462,7 @@ def test_adamw_is_fused_for_the_training_device_not_where_weights_start(device, 
 
 def test_loader_workers_end_with_the_run(assets, tmp_path):
     """The data loader's worker processes end when training does, not whenever garbage
-    collection frees the loader: with pinned memory, PyTorch before 2.14 waits 5 s for each
+    collection frees the loader: with pinned memory, PyTorch 2.11 waits 5 s for each
     persistent worker still alive at exit (40 s with 8 workers on an H100). Garbage collection
     is off here so that nothing else ends them."""
     workers = {"dataloader_num_workers": 2}
