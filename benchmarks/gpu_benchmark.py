@@ -176,8 +176,8 @@ def startup_parts(records: list[dict]) -> dict:
 
 def log_edges(log: str, started_at: float, ended_at: float) -> dict:
     """What the process did before its first log line (Python's imports, mostly) and after its
-    last (the last is the final save's: after it, only the exit), in seconds. A slow exit once
-    hid 40 s of waiting for the data loader's workers."""
+    last (the last is the final save's: after it, the exit, and with --profile the profiler's
+    summary), in seconds. A slow exit once hid 40 s of waiting for the data loader's workers."""
     stamps = [
         datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # logging's local time
         for match in map(LOG_STAMP.match, log.splitlines())
