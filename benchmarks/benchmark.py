@@ -1,6 +1,7 @@
 """Speed, memory and learning benchmarks on the offline fixtures; prints a table, writes JSON.
 
     python benchmarks/benchmark.py [--out benchmarks/results.json] [--quick] [--rounds 5] [--steps 20]
+        [--diffusers_script path/to/diffusers/examples/controlnet/train_controlnet.py]
 
 Sections:
 - ``train``: the CPU cost of an optimizer step for SD and SDXL tiny fixtures at 64 and 128 px,
@@ -17,6 +18,11 @@ Sections:
   SD 1.5 itself at a quarter of its width (``reference_models.narrowed_sd15``), at 64 px. For
   each case the table also gives the speed-up the FLOPs allow: a step's FLOPs uncached over
   cached, counted by ``reference_models.step_flops``.
+- ``against_diffusers`` (with ``--diffusers_script``): diffusers' own script, unchanged, against
+  our uncached and cached paths on the tiny SD fixture and the one with SD 1.5's VAE share, at
+  64 px, batch 4, with the same flags. diffusers' script logs no step times, so all three run
+  under ``step_clock.py`` and are timed by the gaps between their optimizer steps. The three runs
+  of a round take turns as the two paths of ``train`` do.
 - ``data``: decode and transform throughput of one data-loader worker at 512 px on a
   JPEG-encoded fill dataset.
 - ``fidelity``: the control gap after a fixed number of steps with the default settings of the
@@ -28,6 +34,8 @@ The GPU section (real SD 1.5 / SDXL architectures, MFU, GPU memory) is ``gpu_ben
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import io
 import json
 import os
@@ -44,6 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from step_clock import step_seconds
+
 
 def run_training(flags: list[str], env: dict, *, sdxl: bool = False, profile_out: Path | None = None) -> dict:
     """One training process; returns its wall time, its start and end on the wall clock (to set
@@ -55,7 +65,26 @@ def run_training(flags: list[str], env: dict, *, sdxl: bool = False, profile_out
     if profile_out is not None:
         profiler = [str(ROOT / "benchmarks" / "profile_step.py"), *(["--sdxl"] if sdxl else []), f"--out={profile_out}"]
         command = [sys.executable, *profiler, "--", *flags]
-    output_dir = Path(next(f.split("=", 1)[1] for f in flags if f.startswith("--output_dir=")))
+    result = run_process(command, output_dir_of(flags), env)
+    metrics = output_dir_of(flags) / "metrics.jsonl"
+    return result | {"records": [json.loads(line) for line in metrics.read_text().splitlines()]}
+
+
+def run_clocked(script: Path, flags: list[str], env: dict) -> dict:
+    """Any training script (ours or diffusers') under ``step_clock.py``: run_process's figures and
+    the clock reading after each optimizer step, the same clock for every script."""
+    readings = output_dir_of(flags).with_name(output_dir_of(flags).name + ".steps.json")
+    clock = [str(ROOT / "benchmarks" / "step_clock.py"), f"--out={readings}", "--"]
+    result = run_process([sys.executable, *clock, str(script), *flags], output_dir_of(flags), env)
+    return result | json.loads(readings.read_text())
+
+
+def output_dir_of(flags: list[str]) -> Path:
+    return Path(next(f.split("=", 1)[1] for f in flags if f.startswith("--output_dir=")))
+
+
+def run_process(command: list[str], output_dir: Path, env: dict) -> dict:
+    """Run one training command to its end; its stderr goes to ``<output_dir>.log``."""
     log = output_dir.with_name(output_dir.name + ".log")
     started, started_at = time.perf_counter(), time.time()
     # stderr goes to a file: a pipe read only at the end would fill up and stall the run.
@@ -65,7 +94,6 @@ def run_training(flags: list[str], env: dict, *, sdxl: bool = False, profile_out
     wall, ended_at = time.perf_counter() - started, time.time()
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"training failed: {' '.join(command)}\n{log.read_text()[-3000:]}")
-    records = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
     peak = usage.ru_maxrss / 1024
     # Linux carries the parent's peak into a child's at exec, so a child's figure is only its own
     # while this process stays smaller (main() builds big models in subprocesses for that).
@@ -73,14 +101,7 @@ def run_training(flags: list[str], env: dict, *, sdxl: bool = False, profile_out
     # models in its own process and reports GPU memory, does not use it).
     if peak <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:
         peak = None
-    return {
-        "wall_seconds": wall,
-        "started_at": started_at,
-        "ended_at": ended_at,
-        "peak_rss_mib": peak,
-        "records": records,
-        "log": log,
-    }
+    return {"wall_seconds": wall, "started_at": started_at, "ended_at": ended_at, "peak_rss_mib": peak, "log": log}
 
 
 def median_step(records: list[dict], warmup: int) -> float:
@@ -109,16 +130,19 @@ def train_section(
     return rows
 
 
-def round_order(round_index: int) -> tuple[bool, bool]:
-    """Which path runs first in a round (``cached`` flags): uncached first, then cached first, and so
-    on, so that a CPU slowing down or speeding up over the rounds favours neither path."""
-    return (False, True) if round_index % 2 == 0 else (True, False)
+def round_order(round_index: int, paths: tuple = (False, True)) -> tuple:
+    """Which path runs when in a round: the paths turn by one place each round (uncached first,
+    then cached first, and so on), so that a CPU slowing down or speeding up over the rounds
+    favours none of them."""
+    shift = round_index % len(paths)
+    return (*paths[shift:], *paths[:shift])
 
 
-def paired_speedup(uncached: list[float], cached: list[float]) -> dict:
-    """The cache's speed-up from seconds per step measured round by round: the median of the
-    rounds' ratios, and the ratios, whose range shows how far one round can be trusted."""
-    ratios = [u / c for u, c in zip(uncached, cached, strict=True)]
+def paired_speedup(slower: list[float], faster: list[float]) -> dict:
+    """A speed-up from seconds per step measured round by round (the cache's: uncached, then
+    cached): the median of the rounds' ratios, and the ratios, whose range shows how far one
+    round can be trusted."""
+    ratios = [s / f for s, f in zip(slower, faster, strict=True)]
     return {"speedup": statistics.median(ratios), "speedup_by_round": ratios}
 
 
@@ -167,7 +191,15 @@ def train_pair(assets, work, env, family, model, resolution, *, steps, warmup, r
 
 
 def case_flags(
-    assets: Path, work: Path, model: str, resolution: int, cached: bool, output: Path, max_steps: int
+    assets: Path,
+    work: Path,
+    model: str,
+    resolution: int,
+    cached: bool,
+    output: Path,
+    max_steps: int,
+    *,
+    report_to: str = "none",
 ) -> list[str]:
     cache_flags = ["--cache_latents", "--cache_text_embeddings", f"--embeddings_cache_dir={work / 'cache'}"]
     return [
@@ -180,7 +212,7 @@ def case_flags(
         "--lr_warmup_steps=0",
         f"--max_train_steps={max_steps}",
         "--checkpointing_steps=100000",
-        "--report_to=none",
+        f"--report_to={report_to}",
         "--seed=0",
         *(cache_flags if cached else []),
     ]
@@ -192,6 +224,55 @@ def flop_bound(model_dir: Path, resolution: int) -> float:
 
     flops = reference_models.step_flops(reference_models.meta_components(model_dir), resolution)
     return flops["uncached"] / flops["cached"]
+
+
+DIFFUSERS_PATHS = ("diffusers", "uncached", "cached")
+
+
+def diffusers_section(assets: Path, work: Path, env: dict, script: Path, *, steps: int, warmup: int, rounds: int):
+    """diffusers' own train_controlnet.py against our uncached and cached paths: the same fixture,
+    flags and clock (``step_clock.py``: the gap between optimizer steps), the three runs of a round
+    in turn, each round starting one place further on."""
+    rows = []
+    for model in ("tiny-sd", "tiny-sd-sd15-vae"):
+        clocked = functools.partial(run_against_diffusers, assets, work, env, script, model)
+        clocked("cached", "build", 1)  # so that the timed cached runs find the cache built
+        by_round = {path: [] for path in DIFFUSERS_PATHS}
+        peaks = {path: [] for path in DIFFUSERS_PATHS}
+        for round_index in range(rounds):
+            for path in round_order(round_index, DIFFUSERS_PATHS):
+                result = clocked(path, f"round{round_index}", steps)
+                by_round[path].append(step_seconds(result["optimizer_step_ends"], warmup))
+                peaks[path].append(result["peak_rss_mib"])
+        rows.extend(against_diffusers_row(model, path, by_round, peaks[path]) for path in DIFFUSERS_PATHS)
+    return {"script": str(script), "script_sha256": hashlib.sha256(script.read_bytes()).hexdigest(), "rows": rows}
+
+
+def run_against_diffusers(assets, work, env, script, model, path, label, max_steps) -> dict:
+    """One clocked run of ``path``: diffusers' script, or ours uncached or cached."""
+    output = work / f"vs-diffusers-{model}-{path}-{label}"
+    # diffusers' script knows no "none"; tensorboard is both scripts' default.
+    flags = case_flags(assets, work, model, 64, path == "cached", output, max_steps, report_to="tensorboard")
+    runner = script if path == "diffusers" else ROOT / "train_controlnet.py"
+    result = run_clocked(runner, flags, env)
+    shutil.rmtree(output)
+    return result
+
+
+def against_diffusers_row(model: str, path: str, by_round: dict, peaks: list) -> dict:
+    if None in peaks:
+        raise RuntimeError(f"peak RSS of {model} {path} is hidden under the benchmark process's own")
+    step = statistics.median(by_round[path])
+    row = {
+        "case": f"{model.removeprefix('tiny-')}-64px-{path}",
+        "seconds_per_step": step,
+        "seconds_per_step_by_round": by_round[path],
+        "samples_per_second": 4 / step,
+        "peak_rss_mib": max(peaks),
+    }
+    if path != "diffusers":
+        row["over_diffusers"] = paired_speedup(by_round["diffusers"], by_round[path])
+    return row
 
 
 def data_section(work: Path, *, samples: int) -> dict:
@@ -264,6 +345,8 @@ def print_table(results: dict) -> None:
                 f"{min(ratios):.2f}x to {max(ratios):.2f}x; FLOPs allow {row['flop_bound_speedup']:.2f}x), "
                 f"peak memory x{memory:.2f}"
             )
+    if "against_diffusers" in results:
+        print_against_diffusers(results["against_diffusers"])
     if "data" in results:
         print(
             f"\n{results['data']['case']}: {results['data']['samples_per_second_per_worker']:.1f} samples/s per worker"
@@ -271,6 +354,19 @@ def print_table(results: dict) -> None:
     if "fidelity" in results:
         gaps = ", ".join(f"step {s}: {g * 100:.2f}%" for s, g in results["fidelity"]["gap_by_step"].items())
         print(f"\n{results['fidelity']['case']}: {gaps}")
+
+
+def print_against_diffusers(section: dict) -> None:
+    print(f"\nagainst {section['script']} (sha256 {section['script_sha256'][:12]}), same clock for all\n")
+    print(f"{'case':<34}{'s/step':>9}{'samples/s':>11}{'peak RSS MiB':>14}   speed-up over diffusers' script")
+    for row in section["rows"]:
+        gain = row.get("over_diffusers")
+        ratios = "" if gain is None else gain["speedup_by_round"]
+        gain_text = "" if gain is None else f"{gain['speedup']:.2f}x ({min(ratios):.2f}x to {max(ratios):.2f}x)"
+        print(
+            f"{row['case']:<34}{row['seconds_per_step']:>9.3f}{row['samples_per_second']:>11.1f}"
+            f"{row['peak_rss_mib']:>14.0f}   {gain_text}"
+        )
 
 
 def build_assets(assets: Path, *, quick: bool) -> None:
@@ -295,6 +391,13 @@ def main() -> None:
         "--rounds", type=int, default=5, help="timed runs of each path per case, uncached and cached in turn"
     )
     parser.add_argument("--fidelity_steps", type=int, default=400)
+    parser.add_argument(
+        "--diffusers_script",
+        type=Path,
+        default=None,
+        help="a copy of diffusers' examples/controlnet/train_controlnet.py (not shipped here): times it "
+        "against our uncached and cached paths on the tiny SD fixtures at 64 px",
+    )
     parser.add_argument("--build_assets", default=None, help=argparse.SUPPRESS)  # the child that builds them
     args = parser.parse_args()
     if args.build_assets:
@@ -317,6 +420,10 @@ def main() -> None:
             "train": train_section(assets, work, env, steps=steps, warmup=3, rounds=rounds, quick=args.quick),
             "data": data_section(work, samples=16 if args.quick else 64),
         }
+        if args.diffusers_script is not None:
+            results["against_diffusers"] = diffusers_section(
+                assets, work, env, args.diffusers_script.resolve(), steps=steps, warmup=3, rounds=rounds
+            )
         if not args.quick:
             results["fidelity"] = fidelity_section(assets, work, env, steps=args.fidelity_steps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
