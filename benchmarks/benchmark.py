@@ -169,9 +169,7 @@ def train_pair(assets, work, env, family, model, resolution, *, steps, warmup, r
             timed[cached].append(run(cached, f"round{round_index}", steps))
     rows = []
     for cached in (False, True):
-        peaks = [result["peak_rss_mib"] for result in timed[cached]]
-        if None in peaks:
-            raise RuntimeError(f"peak RSS of {names[cached]} is hidden under the benchmark process's own")
+        peak = highest_peak([result["peak_rss_mib"] for result in timed[cached]], names[cached])
         by_round = [median_step(result["records"], warmup) for result in timed[cached]]
         step = statistics.median(by_round)
         rows.append(
@@ -180,7 +178,7 @@ def train_pair(assets, work, env, family, model, resolution, *, steps, warmup, r
                 "seconds_per_step": step,
                 "seconds_per_step_by_round": by_round,
                 "samples_per_second": 4 / step,
-                "peak_rss_mib": max(peaks),
+                "peak_rss_mib": peak,
                 "six_step_process_seconds": run(cached, "6", 6)["wall_seconds"],
                 "cache_build_process_seconds": built["wall_seconds"] if cached else None,
                 "flop_bound_speedup": None,  # the cached rows' is filled in by train_section
@@ -188,6 +186,13 @@ def train_pair(assets, work, env, family, model, resolution, *, steps, warmup, r
         )
     rows[1].update(paired_speedup(rows[0]["seconds_per_step_by_round"], rows[1]["seconds_per_step_by_round"]))
     return rows
+
+
+def highest_peak(peaks: list[float | None], name: str) -> float:
+    """The highest peak RSS of a path's runs; run_process gives None where it cannot tell."""
+    if None in peaks:
+        raise RuntimeError(f"peak RSS of {name} is hidden under the benchmark process's own")
+    return max(peaks)
 
 
 def case_flags(
@@ -260,15 +265,13 @@ def run_against_diffusers(assets, work, env, script, model, path, label, max_ste
 
 
 def against_diffusers_row(model: str, path: str, by_round: dict, peaks: list) -> dict:
-    if None in peaks:
-        raise RuntimeError(f"peak RSS of {model} {path} is hidden under the benchmark process's own")
     step = statistics.median(by_round[path])
     row = {
         "case": f"{model.removeprefix('tiny-')}-64px-{path}",
         "seconds_per_step": step,
         "seconds_per_step_by_round": by_round[path],
         "samples_per_second": 4 / step,
-        "peak_rss_mib": max(peaks),
+        "peak_rss_mib": highest_peak(peaks, f"{model} {path}"),
     }
     if path != "diffusers":
         row["over_diffusers"] = paired_speedup(by_round["diffusers"], by_round[path])
