@@ -65,17 +65,19 @@ def run_training(flags: list[str], env: dict, *, sdxl: bool = False, profile_out
     if profile_out is not None:
         profiler = [str(ROOT / "benchmarks" / "profile_step.py"), *(["--sdxl"] if sdxl else []), f"--out={profile_out}"]
         command = [sys.executable, *profiler, "--", *flags]
-    result = run_process(command, output_dir_of(flags), env)
-    metrics = output_dir_of(flags) / "metrics.jsonl"
-    return result | {"records": [json.loads(line) for line in metrics.read_text().splitlines()]}
+    output_dir = output_dir_of(flags)
+    result = run_process(command, output_dir, env)
+    metrics = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return result | {"records": [json.loads(line) for line in metrics]}
 
 
 def run_clocked(script: Path, flags: list[str], env: dict) -> dict:
     """Any training script (ours or diffusers') under ``step_clock.py``: run_process's figures and
     the clock reading after each optimizer step, the same clock for every script."""
-    readings = output_dir_of(flags).with_name(output_dir_of(flags).name + ".steps.json")
+    output_dir = output_dir_of(flags)
+    readings = output_dir.with_name(output_dir.name + ".steps.json")
     clock = [str(ROOT / "benchmarks" / "step_clock.py"), f"--out={readings}", "--"]
-    result = run_process([sys.executable, *clock, str(script), *flags], output_dir_of(flags), env)
+    result = run_process([sys.executable, *clock, str(script), *flags], output_dir, env)
     return result | json.loads(readings.read_text())
 
 
