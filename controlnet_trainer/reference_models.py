@@ -9,7 +9,7 @@ CLIP tokenizer: it changes which token ids a prompt becomes, not the arithmetic 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -187,26 +187,31 @@ def _count_flops(function) -> float:
     return counter.get_total_flops()
 
 
-def step_flops(parts: dict[str, torch.nn.Module], resolution: int) -> dict[str, float]:
-    """Model FLOPs of one sample's training step, counted on meta tensors (no memory, no arithmetic).
+def _text_encoders(parts: dict[str, torch.nn.Module]) -> list[torch.nn.Module]:
+    return [parts[name] for name in ("text_encoder", "text_encoder_2") if name in parts]
 
-    "cached": the ControlNet forward and backward plus the frozen UNet's forward and its backward
-    into the residuals; "uncached" adds the VAE encoder and the text encoders. ``parts`` are meta
-    modules (``components`` under ``torch.device("meta")``, or ``meta_components``).
+
+def meta_training_step(
+    parts: dict[str, torch.nn.Module], resolution: int, batch: int = 1
+) -> tuple[ControlNetModel, Callable[[], None]]:
+    """The ControlNet made from ``parts``' UNet and a cached training step of it, on meta tensors.
+
+    Returns ``(controlnet, step)``: calling ``step()`` runs the ControlNet forward, the frozen
+    UNet forward and the backward of the loss, as the trainer's cached step does, at ``batch``
+    samples of ``resolution`` px. ``parts`` are meta modules (``components`` under
+    ``torch.device("meta")``, or ``meta_components``); their frozen modules stop requiring grad.
     """
-    unet, vae = parts["unet"], parts["vae"]
-    text = [parts[name] for name in ("text_encoder", "text_encoder_2") if name in parts]
+    unet, text = parts["unet"], _text_encoders(parts)
     with torch.device("meta"):
         controlnet = ControlNetModel.from_unet(unet)
-    for module in (unet, vae, *text):
+    for module in (unet, parts["vae"], *text):
         module.requires_grad_(False)
     meta = {"device": "meta"}
-    pixels = torch.empty(1, 3, resolution, resolution, **meta)
-    latents = torch.empty(1, unet.config.in_channels, resolution // 8, resolution // 8, **meta)
+    latents = torch.empty(batch, unet.config.in_channels, resolution // 8, resolution // 8, **meta)
     added = None
     if unet.config.addition_embed_type == "text_time":
         pooled = text[-1].config.projection_dim
-        added = {"text_embeds": torch.empty(1, pooled, **meta), "time_ids": torch.empty(1, 6, **meta)}
+        added = {"text_embeds": torch.empty(batch, pooled, **meta), "time_ids": torch.empty(batch, 6, **meta)}
     width = sum(encoder.config.hidden_size for encoder in text)
 
     def step():
@@ -216,13 +221,26 @@ def step_flops(parts: dict[str, torch.nn.Module], resolution: int) -> dict[str, 
             noise_scheduler=DDPMScheduler(**SCHEDULER),
             latents=latents,
             noise=torch.empty_like(latents),
-            timesteps=torch.zeros(1, dtype=torch.long, **meta),
-            encoder_hidden_states=torch.empty(1, fixtures.MODEL_MAX_LENGTH, width, **meta),
-            controlnet_image=pixels,
+            timesteps=torch.zeros(batch, dtype=torch.long, **meta),
+            encoder_hidden_states=torch.empty(batch, fixtures.MODEL_MAX_LENGTH, width, **meta),
+            controlnet_image=torch.empty(batch, 3, resolution, resolution, **meta),
             added_cond_kwargs=added,
         ).backward()
 
-    token_ids = torch.zeros(1, fixtures.MODEL_MAX_LENGTH, dtype=torch.long, **meta)
+    return controlnet, step
+
+
+def step_flops(parts: dict[str, torch.nn.Module], resolution: int) -> dict[str, float]:
+    """Model FLOPs of one sample's training step, counted on meta tensors (no memory, no arithmetic).
+
+    "cached": the ControlNet forward and backward plus the frozen UNet's forward and its backward
+    into the residuals (``meta_training_step``); "uncached" adds the VAE encoder and the text
+    encoders.
+    """
+    _, step = meta_training_step(parts, resolution)
+    vae, text = parts["vae"], _text_encoders(parts)
+    pixels = torch.empty(1, 3, resolution, resolution, device="meta")
+    token_ids = torch.zeros(1, fixtures.MODEL_MAX_LENGTH, dtype=torch.long, device="meta")
     frozen = _count_flops(lambda: vae.encode(pixels).latent_dist.sample()) + sum(
         _count_flops(lambda e=encoder: e(token_ids, output_hidden_states=True)) for encoder in text
     )
