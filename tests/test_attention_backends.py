@@ -49,7 +49,7 @@ def test_recorded_calls_carry_all_of_the_steps_attention_flops(assets):
     assert sum(by_operator.values()) * 1e12 == pytest.approx(2 * reference_models.step_flops(parts, 64)["cached"])
 
 
-def test_per_step_totals_weigh_each_shape_by_its_calls_and_leave_out_backends_that_decline(tmp_path):
+def test_per_step_totals_weigh_each_shape_by_its_calls_and_leave_out_backends_that_decline():
     result = measure("tiny", batch=2, device=torch.device("cpu"), dtype=torch.float32, repeats=1)
     rows, totals = result["calls"], result["per_step"]["backends"]
     assert sum(row["calls_per_step"] for row in rows) > len(rows)  # shapes repeat, so weights matter
