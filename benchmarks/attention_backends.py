@@ -36,11 +36,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from gpu_benchmark import resolution_of
 
 from controlnet_trainer import fixtures, reference_models
 
-# The reference families' resolutions, as in gpu_benchmark.py; the tiny fixture trains at 64 px.
-RESOLUTIONS = {"sd15": 512, "sdxl": 1024, "tiny": 64}
 # None: PyTorch picks, as the trainer leaves it; then each backend forced alone.
 BACKENDS = (
     None,
@@ -197,10 +198,11 @@ def measure(family: str, batch: int, device: torch.device, dtype: torch.dtype, r
 
     ``repeats=0`` counts shapes and FLOPs only.
     """
+    resolution = resolution_of(family, tiny=family == "tiny")
     with tempfile.TemporaryDirectory() as work:
         parts = _parts(family, Path(work))
-        calls = attention_calls(parts, RESOLUTIONS[family], batch)
-        by_operator = step_flops_by_operator(parts, RESOLUTIONS[family], batch)
+        calls = attention_calls(parts, resolution, batch)
+        by_operator = step_flops_by_operator(parts, resolution, batch)
     rows = []
     for call, count in collections.Counter(call for _, call in calls).items():
         timings = {}
@@ -234,17 +236,14 @@ def per_step(rows: list[dict], timed: bool = True) -> dict[str, dict]:
     A backend that cannot run some shape gets no total: the step would fall back for that shape.
     """
     tflop = sum(row["tflop"] * row["calls_per_step"] for row in rows)
+    columns = {}
+    if timed:
+        columns = {_name(backend): [row["backends"][_name(backend)]["ms"] for row in rows] for backend in BACKENDS}
+        columns["best of each"] = [min(ms for ms in shape if ms is not None) for shape in zip(*columns.values())]
     totals = {}
-    for backend in [_name(backend) for backend in BACKENDS] + ["best of each"] if timed else ():
-        if backend == "best of each":
-            times = [min(t["ms"] for t in row["backends"].values() if t["ms"] is not None) for row in rows]
-        else:
-            times = [row["backends"][backend]["ms"] for row in rows]
-        if any(ms is None for ms in times):
-            totals[backend] = {"ms": None, "tflop_per_s": None}
-            continue
-        ms = sum(t * row["calls_per_step"] for t, row in zip(times, rows))
-        totals[backend] = {"ms": ms, "tflop_per_s": tflop / (ms / 1e3)}
+    for name, times in columns.items():
+        ms = None if None in times else sum(t * row["calls_per_step"] for t, row in zip(times, rows))
+        totals[name] = {"ms": ms, "tflop_per_s": None if ms is None else tflop / (ms / 1e3)}
     return {"tflop": tflop, "backends": totals}
 
 
