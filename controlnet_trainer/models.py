@@ -203,10 +203,22 @@ def enable_memory_options(args: argparse.Namespace, models: Models, device: torc
         models.unet.enable_npu_flash_attention()
         models.controlnet.enable_npu_flash_attention()
     if args.torch_compile:
-        # In place (nn.Module.compile), so parameter names, hooks and saving are unchanged; the
-        # validation pipeline and the fidelity probe use the same compiled modules.
+        # In place (nn.Module.compile), so parameter names, hooks and saving are unchanged.
+        # Evaluation runs these modules eagerly: see eager_evaluation.
         models.unet.compile(backend=args.torch_compile)
         models.controlnet.compile(backend=args.torch_compile)
+
+
+def eager_evaluation():
+    """A context in which modules compiled by --torch_compile run eagerly.
+
+    Validation and the fidelity probe run the UNet and ControlNet without gradients and at other
+    batch sizes than training, so each would trace and build graphs of its own: minutes with
+    inductor, for work done a few times per run. Dynamo also keeps the graphs of both models under
+    one function (diffusers wraps both forwards in the same decorator), so every extra graph
+    brings training's closer to the recompile limit, past which new shapes run uncompiled.
+    """
+    return torch.compiler.set_stance("force_eager")
 
 
 def check_xformers(device: torch.device) -> None:

@@ -50,7 +50,15 @@ from .checkpointing import TrainingProgress
 from .errors import InputError
 from .family import ModelFamily, TextConditioning, crop_override_from_args, unet_added_conditioning
 from .loss import diffusion_loss, sample_noise_and_timesteps
-from .models import Models, check_family, enable_memory_options, freeze_and_place, load_models, make_optimizer
+from .models import (
+    Models,
+    check_family,
+    eager_evaluation,
+    enable_memory_options,
+    freeze_and_place,
+    load_models,
+    make_optimizer,
+)
 from .plan import TrainPlan, make_plan
 from .preemption import stop_on_signals
 
@@ -155,7 +163,8 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     clock.lap("optimizer_and_loader" if resume_path is None else "optimizer_loader_and_resume")
     log_plan(accelerator, plan, progress)
     if probe is not None and progress.global_step == 0:  # the EMA equals the weights here
-        metrics.log(probe.evaluate(models.controlnet, accelerator=accelerator).to_metrics(), step=0)
+        with eager_evaluation():
+            metrics.log(probe.evaluate(models.controlnet, accelerator=accelerator).to_metrics(), step=0)
         clock.lap("fidelity_at_step_0")
     logger.info("Ready to train after %s", clock.summary())
     metrics.log(clock.metrics(), step=progress.global_step)
@@ -657,7 +666,7 @@ def train_loop(
                     )
                     return progress, True
             fidelity_every = args.fidelity_steps or args.validation_steps
-            with averaged_weights(accelerator, models.controlnet, extras.ema):
+            with averaged_weights(accelerator, models.controlnet, extras.ema), eager_evaluation():
                 if extras.probe is not None and (progress.global_step % fidelity_every == 0 or last_step):
                     result = extras.probe.evaluate(models.controlnet, accelerator=accelerator)
                     metrics.log(result.to_metrics(), step=progress.global_step)

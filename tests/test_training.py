@@ -399,16 +399,41 @@ def test_ema_is_saved_resumed_exactly_and_is_the_final_model(assets, tmp_path):
     assert any(not torch.equal(raw[k], straight[k]) for k in raw)
 
 
-def test_torch_compile_trains_like_eager_and_saves_plain_names(assets, tmp_path):
+def test_torch_compile_trains_like_eager_and_saves_plain_names(assets, tmp_path, monkeypatch):
     """aot_eager traces the UNet and ControlNet through dynamo and AOTAutograd as inductor does,
-    without inductor's minutes of kernel building on CPU."""
-    run(train_argv(assets, tmp_path / "eager", max_train_steps=2))
-    run(train_argv(assets, tmp_path / "compiled", max_train_steps=2, torch_compile="aot_eager"))
+    without inductor's minutes of kernel building on CPU. Validation and the fidelity probe (at
+    steps 0 and 2) run eagerly: every graph the backend gets was traced with gradients on, as only
+    training runs them."""
+    from torch._dynamo.backends import registry
+
+    traced_with_grad = []
+    aot_eager = registry.lookup_backend("aot_eager")
+
+    def recording_backend(graph, example_inputs):
+        traced_with_grad.append(torch.is_grad_enabled())
+        return aot_eager(graph, example_inputs)
+
+    monkeypatch.setitem(registry._BACKENDS, "recording_aot_eager", None)
+    monkeypatch.setitem(registry._COMPILER_FNS, "recording_aot_eager", recording_backend)
+    torch._dynamo.reset()  # no graph of an earlier test's compiled run is reused
+    evaluation = {
+        "validation_steps": 2,
+        "validation_prompt": "red circle",
+        "validation_image": assets["validation"][0],
+        "fidelity_samples": 4,
+    }
+    run(train_argv(assets, tmp_path / "eager", max_train_steps=2, **evaluation))
+    run(train_argv(assets, tmp_path / "compiled", max_train_steps=2, torch_compile="recording_aot_eager", **evaluation))
     eager, compiled = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
     assert compiled.keys() == eager.keys()  # no _orig_mod. prefixes
     assert all(torch.allclose(eager[name], compiled[name], atol=1e-5) for name in eager)
     fresh = final_weights(assets["controlnet"])  # what training started from
     assert not all(torch.equal(eager[name], fresh[name]) for name in eager)
+    assert traced_with_grad and all(traced_with_grad)
+    # Both evaluations ran in the compiled run, so the graphs above were all it traced.
+    assert (tmp_path / "compiled" / "validation" / "step-000002.png").is_file()
+    records = (json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines())
+    assert [r["step"] for r in records if "fidelity/control_gap" in r] == [0, 2]
 
 
 def test_step_time_includes_the_wait_at_the_loss_read_back(assets, tmp_path, monkeypatch):
