@@ -430,7 +430,7 @@ def test_torch_compile_trains_like_eager_and_saves_plain_names(assets, tmp_path,
     fresh = final_weights(assets["controlnet"])  # what training started from
     assert not all(torch.equal(eager[name], fresh[name]) for name in eager)
     assert traced_with_grad and all(traced_with_grad)
-    # Both evaluations ran in the compiled run, so the graphs above were all it traced.
+    # Both evaluations did run in the compiled run, so the check above covers their graphs.
     assert (tmp_path / "compiled" / "validation" / "step-000002.png").is_file()
     records = (json.loads(line) for line in (tmp_path / "compiled" / "metrics.jsonl").read_text().splitlines())
     assert [r["step"] for r in records if "fidelity/control_gap" in r] == [0, 2]
