@@ -666,12 +666,16 @@ def train_loop(
                     )
                     return progress, True
             fidelity_every = args.fidelity_steps or args.validation_steps
-            with averaged_weights(accelerator, models.controlnet, extras.ema), eager_evaluation():
-                if extras.probe is not None and (progress.global_step % fidelity_every == 0 or last_step):
-                    result = extras.probe.evaluate(models.controlnet, accelerator=accelerator)
-                    metrics.log(result.to_metrics(), step=progress.global_step)
-                if progress.global_step % args.validation_steps == 0 or last_step:
-                    validate(accelerator, args, family, models, plan, progress.global_step, extras.offloaded)
+            probe_due = extras.probe is not None and (progress.global_step % fidelity_every == 0 or last_step)
+            validation_due = progress.global_step % args.validation_steps == 0 or last_step
+            # Only when due: swapping the EMA weights in and out costs three passes over them.
+            if probe_due or validation_due:
+                with averaged_weights(accelerator, models.controlnet, extras.ema), eager_evaluation():
+                    if probe_due:
+                        result = extras.probe.evaluate(models.controlnet, accelerator=accelerator)
+                        metrics.log(result.to_metrics(), step=progress.global_step)
+                    if validation_due:
+                        validate(accelerator, args, family, models, plan, progress.global_step, extras.offloaded)
             step_started = time.perf_counter()  # step times leave out checkpoints and evaluations
             if last_step:
                 break

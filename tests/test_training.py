@@ -399,6 +399,29 @@ def test_ema_is_saved_resumed_exactly_and_is_the_final_model(assets, tmp_path):
     assert any(not torch.equal(raw[k], straight[k]) for k in raw)
 
 
+def test_ema_weights_are_swapped_in_only_for_evaluations(assets, tmp_path, monkeypatch):
+    """Swapping copies every ControlNet weight to the host and back (EMAModel.store), so it is
+    done at the steps that evaluate (here 2, 4 and the last, 5), not at every step."""
+    from diffusers.training_utils import EMAModel
+
+    stored_at = []
+    store = EMAModel.store
+
+    def recording_store(ema, parameters):
+        stored_at.append(ema.optimization_step)
+        store(ema, parameters)
+
+    monkeypatch.setattr(EMAModel, "store", recording_store)
+    evaluation = {"validation_steps": 2, "validation_prompt": "red circle", "validation_image": assets["validation"][0]}
+    run(train_argv(assets, tmp_path, max_train_steps=5, use_ema=True, **evaluation))
+    assert stored_at == [2, 4, 5]  # the last step evaluates too
+    assert sorted(p.name for p in (tmp_path / "validation").iterdir()) == [
+        "step-000002.png",
+        "step-000004.png",
+        "step-000005.png",
+    ]
+
+
 def test_torch_compile_trains_like_eager_and_saves_plain_names(assets, tmp_path, monkeypatch):
     """aot_eager traces the UNet and ControlNet through dynamo and AOTAutograd as inductor does,
     without inductor's minutes of kernel building on CPU. Validation and the fidelity probe (at
