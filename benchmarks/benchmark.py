@@ -365,9 +365,10 @@ def print_against_diffusers(section: dict) -> None:
     print(f"\nagainst {section['script']} (sha256 {section['script_sha256'][:12]}), same clock for all\n")
     print(f"{'case':<34}{'s/step':>9}{'samples/s':>11}{'peak RSS MiB':>14}   speed-up over diffusers' script")
     for row in section["rows"]:
-        gain = row.get("over_diffusers")
-        ratios = "" if gain is None else gain["speedup_by_round"]
-        gain_text = "" if gain is None else f"{gain['speedup']:.2f}x ({min(ratios):.2f}x to {max(ratios):.2f}x)"
+        gain_text = ""
+        if "over_diffusers" in row:
+            gain, ratios = row["over_diffusers"]["speedup"], row["over_diffusers"]["speedup_by_round"]
+            gain_text = f"{gain:.2f}x ({min(ratios):.2f}x to {max(ratios):.2f}x)"
         print(
             f"{row['case']:<34}{row['seconds_per_step']:>9.3f}{row['samples_per_second']:>11.1f}"
             f"{row['peak_rss_mib']:>14.0f}   {gain_text}"
