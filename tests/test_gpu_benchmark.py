@@ -12,7 +12,7 @@ from conftest import ROOT, script_env
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_benchmark import block_means, log_edges, startup_parts
+from gpu_benchmark import block_means, log_edges, off_the_step_clock, startup_parts
 
 
 def test_steps_are_compared_in_the_same_blocks_whatever_the_logging_interval():
@@ -46,6 +46,20 @@ def test_log_edges_time_the_process_before_its_first_log_line_and_after_its_last
     assert log_edges("no timestamps\n", 0.0, 1.0) == {}
 
 
+def test_time_a_run_spent_off_the_step_clock_is_what_its_parts_leave_unexplained():
+    log = "2026-11-27 11:55:58,692 INFO controlnet_trainer.training: [RANK 0] Saved the ControlNet to /tmp/x (1.6 s)\n"
+    # The --use_ema case before f9d9fee on an H100: its weight swap ran every step, off the clock.
+    row = {
+        "process_seconds_outside_steps": 62.7,
+        "startup_seconds": 6.1,
+        "before_first_log_seconds": 20.6,
+        "after_last_log_seconds": 2.8,
+    }
+    assert off_the_step_clock(row, log) == pytest.approx({"final_save_seconds": 1.6, "off_step_clock_seconds": 31.6})
+    assert off_the_step_clock(row, "a run that never saved\n") == {}
+    assert off_the_step_clock({"process_seconds_outside_steps": 9.0}, log) == {}  # no start-up record
+
+
 def test_a_kept_work_dir_is_reused_by_the_next_run(tmp_path):
     work, out, logs = tmp_path / "work", tmp_path / "results.json", tmp_path / "logs"
     command = [
@@ -72,6 +86,7 @@ def test_a_kept_work_dir_is_reused_by_the_next_run(tmp_path):
     assert 0 < first["startup_seconds"] < first["process_seconds_outside_steps"]
     edges = first["before_first_log_seconds"] + first["after_last_log_seconds"]
     assert 0 < edges < first["process_seconds_outside_steps"] - first["startup_seconds"]
+    assert first["final_save_seconds"] >= 0 and "off_step_clock_seconds" in first
     weights = sorted((work / "model-sd15-tiny").rglob("*.safetensors"))
     built = [path.stat().st_mtime_ns for path in weights]
     bench()
