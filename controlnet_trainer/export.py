@@ -7,13 +7,19 @@ The original layout names the ControlNet as the LDM UNet encoder does (``input_b
 ``middle_block``, ``time_embed``, ``label_emb``) plus ``input_hint_block``, ``zero_convs`` and
 ``middle_block_out``, all under ``control_model.``. The mapping is the exact inverse of the one
 diffusers applies in ``ControlNetModel.from_single_file`` (``convert_controlnet_checkpoint``).
-Tensors are never reshaped: with ``use_linear_projection`` both layouts hold linear
-``proj_in``/``proj_out`` (SD 2.x, SDXL), without it both hold 1x1 convolutions (SD 1.x).
+Export never reshapes: with ``use_linear_projection`` both layouts hold linear
+``proj_in``/``proj_out`` (SD 2.x, SDXL), without it both hold 1x1 convolutions (SD 1.x). Loading
+accepts either form of a projection, since files in the wild hold both.
+
+Training reads such a file with the config of a ControlNet for the base model's UNet
+(``config_for_unet``): the UNet sets everything but the conditioning embedding, which the file's
+``input_hint_block`` shapes tell (``conditioning_config``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,7 +28,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from diffusers import ControlNetModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import InputError
@@ -53,6 +59,13 @@ RESNET_PARTS = {
 SUPPORTED_MID_BLOCK = "UNetMidBlock2DCrossAttn"
 # A1111 and ComfyUI cast on load; float16 halves the file, as the widely shared *_fp16 copies do.
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SUFFIX = ".safetensors"
+HINT_CONV = re.compile(r"input_hint_block\.(\d+)\.weight")
+PROJECTIONS = ("proj_in.weight", "proj_out.weight")
+
+
+class MismatchError(InputError):
+    """An original-layout file whose keys or shapes differ from the ControlNet config it is loaded into."""
 
 
 def _input_block(block: int, layer: int, layers_per_block: int) -> int:
@@ -127,40 +140,128 @@ def save_single_file(controlnet: ControlNetModel, path: str | Path, *, prefix: s
     return path
 
 
-def _read_original(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+@contextlib.contextmanager
+def _open(path: Path):
+    """A safetensors file, opened lazily: keys and shapes cost nothing, tensors are read on demand."""
+    if path.suffix != SUFFIX:
+        # .ckpt, .pth, .pt and .bin hold pickles, which can run any code when loaded.
+        raise InputError(
+            f"{path} is a {path.suffix or 'suffix-less'} file, but a single-file ControlNet is read only as "
+            f"{SUFFIX}: other checkpoint formats are pickles, which can run code when loaded. Download the "
+            f"{SUFFIX} version (most ControlNets publish one), or convert a file you trust with "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True), 'controlnet.safetensors') "
+            "(its 'state_dict' entry where it has one)."
+        )
     if not path.is_file():
         raise InputError(f"{path} is not a file")
-    with safe_open(str(path), framework="pt") as handle:
-        keys = list(handle.keys())
-        foreign = [key for key in keys if not key.startswith(prefix)]
-        if foreign:
-            raise InputError(f"{path}: {len(foreign)} keys lack the prefix {prefix!r}, e.g. {foreign[0]!r}")
-        return {key[len(prefix) :]: handle.get_tensor(key) for key in keys}
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except SafetensorError as error:
+        raise InputError(f"{path} is not a readable {SUFFIX} file ({error}); download it again.") from error
+    with handle:
+        yield handle
 
 
-def original_to_diffusers(path: str | Path, config_dir: str | Path, *, prefix: str = PREFIX) -> ControlNetModel:
-    """Load an original-layout file into a ``ControlNetModel`` configured by ``config_dir``'s config.json.
+def _control_model_keys(handle, prefix: str) -> dict[str, str]:
+    """The file's ControlNet keys by original name: those under ``prefix``, other keys (a full A1111
+    checkpoint's ``model.diffusion_model.*``) being another model; every key where none has the prefix."""
+    keys = list(handle.keys())
+    under_prefix = {key[len(prefix) :]: key for key in keys if key.startswith(prefix)}
+    return under_prefix or {key: key for key in keys}
+
+
+def conditioning_config(path: str | Path, *, prefix: str = PREFIX) -> dict:
+    """What a UNet cannot tell about an original-layout ControlNet, read from the shapes of its
+    ``input_hint_block`` convolutions: the conditioning image's channels and the embedding's widths.
+
+    The block is conv_in, two convs per later width (the second of each pair downsamples), conv_out;
+    SiLUs sit between them, so the convs are at even indices.
+    """
+    path = Path(path)
+    with _open(path) as handle:
+        keys = _control_model_keys(handle, prefix)
+        convs = sorted((int(match[1]), key) for name, key in keys.items() if (match := HINT_CONV.fullmatch(name)))
+        shapes = [handle.get_slice(key).get_shape() for _, key in convs]
+    if "controlnet_cond_embedding.conv_in.weight" in keys:
+        raise InputError(
+            f"{path} holds a ControlNet in the diffusers layout, which loads from its folder: give "
+            f"{path.parent} (with its config.json) instead of the file."
+        )
+    indices = [index for index, _ in convs]
+    if not convs or len(convs) % 2 or indices != list(range(0, 2 * len(convs), 2)) or {len(s) for s in shapes} != {4}:
+        found = f"input_hint_block convs at {indices}" if convs else f"keys such as {sorted(keys)[:3]}"
+        raise InputError(
+            f"{path} holds no ControlNet conditioning embedding in the original layout (input_hint_block "
+            f"convs at 0, 2, 4, ..., under the prefix {prefix!r} or none; found {found}). Check that the file "
+            "is a ControlNet in the lllyasviel / A1111 / ComfyUI layout, or give the diffusers ControlNet folder."
+        )
+    return {
+        "conditioning_channels": shapes[0][1],
+        # conv_in's width, then the downsampling conv's of each pair; conv_out maps to the UNet's width.
+        "conditioning_embedding_out_channels": tuple(shape[0] for shape in shapes[:-1:2]),
+    }
+
+
+def config_for_unet(path: str | Path, unet, *, prefix: str = PREFIX) -> Mapping:
+    """The config ``ControlNetModel.from_unet`` gives a ControlNet for ``unet``, with the file's
+    conditioning embedding (weightless on the meta device: only the config is kept)."""
+    with init_empty_weights():
+        controlnet = ControlNetModel.from_unet(
+            unet, load_weights_from_unet=False, **conditioning_config(path, prefix=prefix)
+        )
+    return controlnet.config
+
+
+def _loads_as(name: str, shape: Sequence[int], expected: Sequence[int]) -> bool:
+    """Whether a stored tensor loads into a parameter's shape: a projection may be a linear or a 1x1 conv."""
+    shape, expected = tuple(shape), tuple(expected)
+    projection = name.endswith(PROJECTIONS) and (shape + (1, 1) == expected or shape == expected + (1, 1))
+    return shape == expected or projection
+
+
+def _mismatches(stored: Mapping[str, Sequence[int]], expected: Mapping[str, Sequence[int]]) -> list[str]:
+    missing, extra = sorted(expected.keys() - stored.keys()), sorted(stored.keys() - expected.keys())
+    other = [
+        f"{name} {list(stored[name])} vs {list(expected[name])}"
+        for name in sorted(stored.keys() & expected.keys())
+        if not _loads_as(name, stored[name], expected[name])
+    ]
+    parts = [
+        (len(missing), "missing", missing),
+        (len(extra), "unexpected", extra),
+        (len(other), "of other shapes", other),
+    ]
+    return [f"{count} keys {what} (e.g. {', '.join(examples[:3])})" for count, what, examples in parts if count]
+
+
+def original_to_diffusers(
+    path: str | Path, config: str | Path | Mapping, *, prefix: str = PREFIX, config_name: str | None = None
+) -> ControlNetModel:
+    """Load an original-layout file into a ``ControlNetModel`` of ``config``: a ControlNet config, or
+    a folder holding its config.json. ``config_name`` says in errors where a mapping comes from.
 
     Unlike diffusers' ``from_single_file`` (0.42), this keeps SDXL's ``label_emb`` (add_embedding)
     and fails on any missing or extra key; tensors keep the file's dtype.
     """
-    config = ControlNetModel.load_config(str(_model_dir(Path(config_dir))))
+    path, fix = Path(path), ""
+    if not isinstance(config, Mapping):
+        config_name, fix = f"the ControlNet config in {config}", " Give the config of the model the file holds."
+        config = ControlNetModel.load_config(str(_model_dir(Path(config))))
     _check_config(config)
     # Parameters on the meta device: the file supplies every one of them.
     with init_empty_weights():
         model = ControlNetModel.from_config(config)
-    names = {original_key(key, config): key for key in model.state_dict()}
-    stored = _read_original(Path(path), prefix)
-    missing, extra = sorted(names.keys() - stored.keys()), sorted(stored.keys() - names.keys())
-    if missing or extra:
-        raise InputError(
-            f"{path} does not match the ControlNet in {config_dir}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})"
-        )
-    try:
-        model.load_state_dict({names[key]: tensor for key, tensor in stored.items()}, strict=True, assign=True)
-    except RuntimeError as error:  # same names, other sizes: a config for another model
-        raise InputError(f"{path} does not match the ControlNet in {config_dir}: {error}") from error
+    parameters = model.state_dict()
+    names = {original_key(key, config): key for key in parameters}
+    expected = {name: tuple(parameters[key].shape) for name, key in names.items()}
+    with _open(path) as handle:
+        keys = _control_model_keys(handle, prefix)
+        mismatches = _mismatches({name: handle.get_slice(key).get_shape() for name, key in keys.items()}, expected)
+        if mismatches:
+            where = config_name or "the given ControlNet config"
+            raise MismatchError(f"{path} does not match {where}: {', '.join(mismatches)}.{fix}")
+        state = {names[name]: handle.get_tensor(key).reshape(expected[name]) for name, key in keys.items()}
+    model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
@@ -181,7 +282,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("target", type=Path, help=".safetensors file (or ControlNet folder with --to_diffusers)")
     parser.add_argument("--to_diffusers", action="store_true", help="convert a single file back to diffusers")
     parser.add_argument("--config", type=Path, help="with --to_diffusers: folder whose config.json describes the model")
-    parser.add_argument("--prefix", default=PREFIX, help="key prefix in the single file (default: %(default)s)")
+    parser.add_argument(
+        "--prefix",
+        default=PREFIX,
+        help="key prefix in the single file (default: %(default)s); read back, keys outside it are ignored, "
+        "and a file with none under it is read as unprefixed keys",
+    )
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="export: tensor type in the file (%(default)s)"
     )

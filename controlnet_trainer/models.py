@@ -13,12 +13,17 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
+from . import export
 from .errors import InputError
 from .family import ModelFamily
 
 logger = logging.getLogger(__name__)
 
 _TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+# Checkpoint files a --controlnet_model_name_or_path may name; only .safetensors is read.
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
+# What ControlNetModel.from_unet gives a ControlNet built without --controlnet_model_name_or_path.
+_FROM_UNET_EMBEDDING = (16, 32, 96, 256)
 
 
 class ModelError(InputError):
@@ -73,7 +78,11 @@ def _load_models(args: argparse.Namespace, family: ModelFamily) -> Models:
     noise_scheduler = DDPMScheduler.from_pretrained(
         base, subfolder="scheduler", rescale_betas_zero_snr=getattr(args, "rescale_betas_zero_snr", False), **common
     )
-    return Models(tokenizers, text_encoders, vae, unet, _load_controlnet(args, unet), noise_scheduler)
+    controlnet = _load_controlnet(args, unet)
+    check_conditioning_scale(
+        controlnet, vae, controlnet_source=args.controlnet_model_name_or_path, vae_source=vae_path or f"{base}/vae"
+    )
+    return Models(tokenizers, text_encoders, vae, unet, controlnet, noise_scheduler)
 
 
 def check_family(args: argparse.Namespace, family: ModelFamily, *, fidelity_command: bool = False) -> None:
@@ -132,14 +141,41 @@ def _load_text_encoder(base: str, subfolder: str, **kwargs) -> torch.nn.Module:
 
 
 def _load_controlnet(args: argparse.Namespace, unet: UNet2DConditionModel) -> ControlNetModel:
-    if not args.controlnet_model_name_or_path:
+    """The ControlNet to train: from the UNet, a diffusers folder or hub id, or one original-layout file."""
+    source = args.controlnet_model_name_or_path
+    if not source:
         logger.info("Initializing the ControlNet from the UNet's weights")
         return ControlNetModel.from_unet(unet)
-    _check_local_path(args.controlnet_model_name_or_path, "--controlnet_model_name_or_path")
-    logger.info("Loading the ControlNet from %s", args.controlnet_model_name_or_path)
-    controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+    _check_local_path(source, "--controlnet_model_name_or_path")
+    logger.info("Loading the ControlNet from %s", source)
+    path = os.path.expanduser(source)
+    if not os.path.isdir(path) and (os.path.isfile(path) or path.endswith(_SINGLE_FILE_SUFFIXES)):
+        controlnet = _load_single_file(path, unet, args.pretrained_model_name_or_path)
+    else:
+        controlnet = ControlNetModel.from_pretrained(source, cache_dir=args.cache_dir)
     check_controlnet_matches_unet(controlnet, unet)
     return controlnet
+
+
+def _load_single_file(path: str, unet: UNet2DConditionModel, base: str) -> ControlNetModel:
+    """An A1111 / ComfyUI ControlNet file, configured as ``ControlNetModel.from_unet`` configures one
+    for this UNet, with the conditioning embedding the file holds."""
+    if not os.path.exists(path):
+        raise ModelError(f"`--controlnet_model_name_or_path` points to {path!r}, which does not exist. Check the path.")
+    try:
+        config = export.config_for_unet(path, unet)
+        controlnet = export.original_to_diffusers(
+            path, config, config_name=f"a ControlNet for the UNet of --pretrained_model_name_or_path {base!r}"
+        )
+    except export.MismatchError as error:
+        raise ModelError(
+            f"`--controlnet_model_name_or_path` {error} The file holds a ControlNet for another base model: "
+            "use one made for this base model, or omit --controlnet_model_name_or_path to build one from the UNet."
+        ) from error
+    except InputError as error:
+        raise ModelError(f"`--controlnet_model_name_or_path`: {error}") from error
+    # Shared files are often float16; the ControlNet trains in float32, as from_pretrained loads it.
+    return controlnet.to(torch.float32)
 
 
 def check_controlnet_matches_unet(controlnet: ControlNetModel, unet: UNet2DConditionModel) -> None:
@@ -161,6 +197,37 @@ def check_controlnet_matches_unet(controlnet: ControlNetModel, unet: UNet2DCondi
 
 def _normalise(value):
     return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _downsampling(block_out_channels) -> int:
+    """How much a stack of blocks shrinks an image: all but the last halve its size."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def check_conditioning_scale(
+    controlnet: ControlNetModel, vae: AutoencoderKL, *, controlnet_source: str | None, vae_source: str
+) -> None:
+    """The ControlNet's conditioning embedding must shrink the conditioning image to the latents' size;
+    otherwise the first step fails adding the embedding to the latents' features."""
+    widths = tuple(controlnet.config.conditioning_embedding_out_channels)
+    embedding, latents = _downsampling(widths), _downsampling(vae.config.block_out_channels)
+    if embedding == latents:
+        return
+    needed = int(latents).bit_length()  # log2(latents) + 1 widths
+    example = (_FROM_UNET_EMBEDDING + (_FROM_UNET_EMBEDDING[-1],) * needed)[:needed]
+    if controlnet_source:
+        made = f"The ControlNet in --controlnet_model_name_or_path {controlnet_source!r}"
+    else:
+        made = "The ControlNet built from the UNet (ControlNetModel.from_unet's default embedding)"
+    omit = controlnet_source and _downsampling(_FROM_UNET_EMBEDDING) == latents
+    raise ModelError(
+        f"{made} downsamples the conditioning image {embedding}x (conditioning_embedding_out_channels "
+        f"{list(widths)}), but the VAE of {vae_source!r} downsamples {latents}x (block_out_channels "
+        f"{list(vae.config.block_out_channels)}), so the conditioning would not match the latents. Pass "
+        f"--controlnet_model_name_or_path a ControlNet whose conditioning_embedding_out_channels has {needed} "
+        f"widths (e.g. ControlNetModel.from_unet(unet, conditioning_embedding_out_channels={example}) saved "
+        "with save_pretrained)" + (", or omit it to build one from the UNet." if omit else ".")
+    )
 
 
 def freeze_and_place(

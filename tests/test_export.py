@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import init_empty_weights
-from diffusers import ControlNetModel
+from diffusers import ControlNetModel, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -173,17 +173,77 @@ def test_mismatched_sizes_are_refused(exported, controlnets, tmp_path):
     config = json.loads((controlnets["sd"] / "config.json").read_text())
     config["conditioning_embedding_out_channels"] = [16, 32, 96, 128]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match="size mismatch"):
+    with pytest.raises(
+        export.MismatchError, match=r"3 keys of other shapes \(e.g. input_hint_block.12.bias \[256\] vs \[128\]"
+    ):
         export.original_to_diffusers(exported["sd"], tmp_path)
 
 
-def test_unprefixed_keys_are_refused(exported, controlnets, tmp_path):
-    bare = {k.removeprefix("control_model."): v for k, v in load_file(str(exported["sd"])).items()}
+def test_config_can_be_a_mapping(exported, controlnets):
+    config = ControlNetModel.load_config(str(controlnets["sdxl"]))
+    loaded = export.original_to_diffusers(exported["sdxl"], config)
+    _assert_identical(loaded.state_dict(), _reference(controlnets, "sdxl"))
+    with pytest.raises(export.MismatchError, match=r"does not match the SD net: \d+ keys missing.*label_emb"):
+        export.original_to_diffusers(exported["sd"], config, config_name="the SD net")
+
+
+def test_keys_outside_the_prefix_are_ignored_and_bare_files_read(exported, controlnets, tmp_path):
+    stored = load_file(str(exported["sd"]))
+    # A full A1111 checkpoint: the ControlNet beside the base model's UNet.
+    full = stored | {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}
+    save_file(full, str(tmp_path / "full.safetensors"))
+    bare = {k.removeprefix("control_model."): v for k, v in stored.items()}
     save_file(bare, str(tmp_path / "bare.safetensors"))
-    with pytest.raises(InputError, match="prefix"):
-        export.original_to_diffusers(tmp_path / "bare.safetensors", controlnets["sd"])
-    loaded = export.original_to_diffusers(tmp_path / "bare.safetensors", controlnets["sd"], prefix="")
-    _assert_identical(loaded.state_dict(), _reference(controlnets, "sd"))
+    for name in ("full", "bare"):
+        loaded = export.original_to_diffusers(tmp_path / f"{name}.safetensors", controlnets["sd"])
+        _assert_identical(loaded.state_dict(), _reference(controlnets, "sd"))
+
+
+def test_projections_load_as_linear_or_conv(exported, controlnets, tmp_path):
+    """Files in the wild hold either form; the config decides which the model takes."""
+    for family, reshape in (("sd", lambda t: t[:, :, 0, 0]), ("sdxl", lambda t: t[:, :, None, None])):
+        stored = load_file(str(exported[family]))
+        swapped = {k: reshape(v).contiguous() if k.endswith(export.PROJECTIONS) else v for k, v in stored.items()}
+        assert swapped.keys() == stored.keys() and any(swapped[k].ndim != stored[k].ndim for k in stored)
+        save_file(swapped, str(tmp_path / f"{family}.safetensors"))
+        loaded = export.original_to_diffusers(tmp_path / f"{family}.safetensors", controlnets[family])
+        _assert_identical(loaded.state_dict(), _reference(controlnets, family))
+
+
+def test_conditioning_config_is_read_from_the_hint_block(exported, sdxl_assets, tmp_path):
+    assert export.conditioning_config(exported["sd"]) == {
+        "conditioning_channels": 3,
+        "conditioning_embedding_out_channels": (16, 32, 96, 256),
+    }
+    unet = UNet2DConditionModel.from_pretrained(str(sdxl_assets["sd"]), subfolder="unet")
+    other = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 24), conditioning_channels=1)
+    path = export.save_single_file(other, tmp_path / "other.safetensors")
+    assert export.conditioning_config(path) == {
+        "conditioning_channels": 1,
+        "conditioning_embedding_out_channels": (8, 24),
+    }
+    config = export.config_for_unet(path, unet)
+    assert {k: v for k, v in config.items() if not k.startswith("_")} == {
+        k: v for k, v in other.config.items() if not k.startswith("_")
+    }
+
+
+def test_a_file_without_a_controlnet_is_refused(sdxl_assets):
+    unet_file = sdxl_assets["sd"] / "unet" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(InputError, match=r"holds no ControlNet conditioning embedding.*found keys such as"):
+        export.conditioning_config(unet_file)
+    diffusers_file = sdxl_assets["controlnet"] / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(
+        InputError, match=rf"diffusers layout, which loads from its folder: give {sdxl_assets['controlnet']}"
+    ):
+        export.conditioning_config(diffusers_file)
+
+
+@pytest.mark.parametrize("name", ["control_sd15_canny.pth", "controlnet.ckpt", "diffusion_pytorch_model.bin"])
+def test_pickled_checkpoints_are_refused_unread(tmp_path, name):
+    (tmp_path / name).write_bytes(b"not read")
+    with pytest.raises(InputError, match=r"read only as \.safetensors.*pickles.*weights_only=True"):
+        export.conditioning_config(tmp_path / name)
 
 
 def test_unknown_parameter_is_refused(controlnets):
