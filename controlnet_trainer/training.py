@@ -81,9 +81,10 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     """Train a ControlNet as the flags say; returns where it ended."""
     clock = tracking.StartupClock()
     output_dir = Path(args.output_dir)
-    resume_path = checkpointing.resolve_resume(output_dir, args.resume_from_checkpoint)
-    if resume_path is None:
+    resume = checkpointing.resolve_resume(output_dir, args.resume_from_checkpoint)
+    if resume is None:
         check_output_dir_is_free(output_dir)
+    checkpointing.check_foreign_checkpoints(output_dir, resume)
     validation.check_validation_images(args.validation_image)
     accelerator = make_accelerator(args, output_dir)
     deepspeed = accelerator.state.deepspeed_plugin
@@ -92,7 +93,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     check_family(args, family)
     # Not on a dry run, which must leave nothing behind, on the Hub either.
     repo_id = agree_on_hub_repo(accelerator, args, output_dir) if args.push_to_hub and not args.dry_run else None
-    seed = agree_on_seed(accelerator, args.seed, resume_path)
+    seed = agree_on_seed(accelerator, args.seed, resume)
     set_seed(seed)  # also seeds Accelerate's sampler, so data order is a function of the epoch
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -142,6 +143,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     host_group = ranks.host_group(accelerator.num_processes, datetime.timedelta(seconds=args.ddp_timeout))
     if args.streaming:
         batches = stream_batches(accelerator, args, rows, transform, seed, host_group)
+        batches_per_epoch = None  # a stream's length is unknown
         models.controlnet, optimizer, lr_scheduler = accelerator.prepare(models.controlnet, optimizer, lr_scheduler)
     else:
         loader = make_loader(args, rows, transform, sampler)
@@ -150,17 +152,25 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
             models.controlnet, optimizer, loader, lr_scheduler
         )
         batches = LoaderBatches(accelerator, loader)
+        batches_per_epoch = len(loader)
 
     metrics = tracking.MetricsLog(accelerator, output_dir)
-    progress = starting_progress(accelerator, resume_path, seed, [args.train_batch_size, accelerator.num_processes])
+    progress = starting_progress(
+        accelerator,
+        resume,
+        seed,
+        [args.train_batch_size, accelerator.num_processes],
+        batches_per_epoch=batches_per_epoch,
+        accumulation=args.gradient_accumulation_steps,
+    )
     if accelerator.is_main_process:
         # Records of steps past the checkpoint are replaced by the ones this run writes; a run
         # that starts afresh (in the folder of a run killed before its first checkpoint, or of a
         # run that saved none) replaces them all, those of its step 0 too.
-        metrics.drop_after(progress.global_step if resume_path is not None else -1)
+        metrics.drop_after(progress.global_step if resume is not None else -1)
         tracking.write_options(output_dir, args, plan, family.name)
     accelerator.init_trackers(args.tracker_project_name, config=tracking.tracker_config(args, plan))
-    clock.lap("optimizer_and_loader" if resume_path is None else "optimizer_loader_and_resume")
+    clock.lap("optimizer_and_loader" if resume is None else "optimizer_loader_and_resume")
     log_plan(accelerator, plan, progress)
     if probe is not None and progress.global_step == 0:  # the EMA equals the weights here
         with eager_evaluation():
@@ -259,7 +269,7 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
 
 
 def check_output_dir_is_free(output_dir: Path) -> None:
-    """Refuse to mix a new run with another run's checkpoints (rotation would delete them)."""
+    """Refuse to mix a new run with another run of this trainer (rotation would delete its checkpoints)."""
     found = checkpointing.list_checkpoints(output_dir)
     if found:
         raise checkpointing.CheckpointError(
@@ -269,10 +279,10 @@ def check_output_dir_is_free(output_dir: Path) -> None:
         )
 
 
-def agree_on_seed(accelerator: Accelerator, seed: int | None, resume_path: Path | None) -> int:
-    """The run's seed: the flag, else the resumed run's, else one drawn and shared by all ranks."""
-    if resume_path is not None:
-        saved = TrainingProgress.load(resume_path).seed
+def agree_on_seed(accelerator: Accelerator, seed: int | None, resume: checkpointing.ResumePoint | None) -> int:
+    """The run's seed: the resumed run's, else the flag, else one drawn and shared by all ranks."""
+    saved = None if resume is None else resume.saved_seed()
+    if saved is not None:
         if seed is not None and seed != saved:
             logger.warning("--seed=%d differs from the checkpoint's seed %d; using the checkpoint's", seed, saved)
         return saved
@@ -283,12 +293,18 @@ def agree_on_seed(accelerator: Accelerator, seed: int | None, resume_path: Path 
 
 
 def starting_progress(
-    accelerator: Accelerator, resume_path: Path | None, seed: int, layout: list[int]
+    accelerator: Accelerator,
+    resume: checkpointing.ResumePoint | None,
+    seed: int,
+    layout: list[int],
+    *,
+    batches_per_epoch: int | None,
+    accumulation: int,
 ) -> TrainingProgress:
     """A fresh run's progress, or the checkpoint's, counted from now on in this run's batches."""
-    if resume_path is None:
+    if resume is None:
         return TrainingProgress(seed=seed, batch_layout=layout)
-    progress = checkpointing.load_checkpoint(accelerator, resume_path)
+    progress = checkpointing.load_checkpoint(accelerator, resume, seed, batches_per_epoch, accumulation)
     warn_if_layout_changed(progress, layout)
     return dataclasses.replace(progress, batch_layout=layout)
 
