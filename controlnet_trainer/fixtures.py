@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import shutil
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -365,8 +366,11 @@ def build_tiny_sd(
     *,
     prediction_type: str = "epsilon",
     vae_channels: tuple[int, ...] = VAE_CHANNELS,
+    use_linear_projection: bool = False,
 ) -> Path:
-    """A tiny SD 1.x pipeline (or SD 2.x-like with prediction_type="v_prediction").
+    """A tiny SD 1.x pipeline, or SD 2.x-like with prediction_type="v_prediction" and
+    use_linear_projection=True (SD 2.x's transformers project in and out with linear layers,
+    SD 1.x's with 1x1 convolutions).
 
     ``vae_channels=SD15_PROPORTIONED_VAE_CHANNELS`` gives the VAE encoder SD 1.5's share of a
     training step, for benchmarks of the latent cache.
@@ -380,7 +384,7 @@ def build_tiny_sd(
         vae=_build_vae(vae_channels),
         text_encoder=CLIPTextModel(_text_config(tokenizer)),
         tokenizer=tokenizer,
-        unet=_unet(cross_attention_dim=TEXT_HIDDEN_SIZE),
+        unet=_unet(cross_attention_dim=TEXT_HIDDEN_SIZE, use_linear_projection=use_linear_projection),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -421,6 +425,21 @@ def build_tiny_sdxl(path: str | Path, seed: int = 0, *, prediction_type: str = "
         add_watermarker=False,
     )
     pipeline.save_pretrained(path)
+    return path
+
+
+def copy_with_scheduler(pipeline_dir: str | Path, path: str | Path, **overrides) -> Path:
+    """A copy of a pipeline folder whose scheduler config has ``overrides``: the same weights
+    under another prediction_type, or few num_train_timesteps so a short run surely draws the
+    last one."""
+    path = Path(path)
+    shutil.copytree(pipeline_dir, path)
+    config_path = path / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    unknown = set(overrides) - set(config)
+    if unknown:
+        raise ValueError(f"{config_path} has no {sorted(unknown)}")
+    config_path.write_text(json.dumps(config | overrides, indent=2))
     return path
 
 

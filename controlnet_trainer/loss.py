@@ -26,14 +26,18 @@ def sample_noise_and_timesteps(
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-gamma weights (Hang et al. 2023) for the scheduler's prediction type."""
+    """Min-SNR-gamma weights (Hang et al. 2023) for the scheduler's prediction type.
+
+    Epsilon: min(snr, gamma) / snr, written as min(gamma / snr, 1), which is its limit, 1, where
+    the SNR is zero (the last timestep under --rescale_betas_zero_snr) rather than 0 / 0.
+    v-prediction: min(snr, gamma) / (snr + 1), which is 0 there.
+    """
     snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.clamp(snr, max=gamma)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
-        return clipped / snr
+        return torch.clamp(gamma / snr, max=1.0)
     if prediction_type == "v_prediction":
-        return clipped / (snr + 1)
+        return torch.clamp(snr, max=gamma) / (snr + 1)
     raise ValueError(f"--snr_gamma supports epsilon and v_prediction schedulers, not {prediction_type}.")
 
 

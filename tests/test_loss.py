@@ -73,6 +73,28 @@ def test_min_snr_weights_follow_the_formula(tiny):
     assert weights[-1] == pytest.approx(1.0) and weights[0] < 0.01
 
 
+def test_min_snr_weights_take_their_limit_where_the_snr_is_zero(tiny):
+    # --rescale_betas_zero_snr: the last timestep's SNR is exactly 0, where min(snr, gamma) / snr
+    # is 0 / 0; the weight's limit there is 1 for epsilon and 0 for v-prediction.
+    _, _, scheduler, _ = tiny
+    zero_terminal = DDPMScheduler.from_config(scheduler.config, rescale_betas_zero_snr=True)
+    v_zero_terminal = DDPMScheduler.from_config(zero_terminal.config, prediction_type="v_prediction")
+    timesteps = torch.tensor([0, 500, 998, 999])
+    alphas = zero_terminal.alphas_cumprod[timesteps]
+    assert alphas[-1] == 0  # what makes the SNR zero
+    snr = alphas[:-1] / (1 - alphas[:-1])
+    epsilon = min_snr_weights(zero_terminal, timesteps, 5.0)
+    assert epsilon[-1].item() == 1.0
+    assert torch.allclose(epsilon[:-1], torch.minimum(snr, torch.tensor(5.0)) / snr, rtol=1e-5)
+    v = min_snr_weights(v_zero_terminal, timesteps, 5.0)
+    assert v[-1].item() == 0.0
+    assert torch.allclose(v[:-1], torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), rtol=1e-5)
+    last = torch.full((2,), 999)
+    loss, _ = loss_for(tiny, scheduler=zero_terminal, timesteps=last, snr_gamma=5.0)
+    plain, _ = loss_for(tiny, scheduler=zero_terminal, timesteps=last)
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-6)  # full weight, and finite
+
+
 def test_min_snr_changes_the_loss_by_the_per_sample_weights(tiny):
     plain, used = loss_for(tiny, reduce=False)
     weighted, _ = loss_for(tiny, reduce=False, snr_gamma=5.0)
@@ -81,7 +103,7 @@ def test_min_snr_changes_the_loss_by_the_per_sample_weights(tiny):
 
 
 def test_residuals_reach_the_unet(tiny):
-    unet, controlnet, scheduler, inputs = tiny
+    unet, _, scheduler, inputs = tiny
     changed = ControlNetModel.from_unet(unet)
     with torch.no_grad():
         # Zero-initialised: the output convolutions and the hint embedding's last layer.
