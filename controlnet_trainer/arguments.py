@@ -8,6 +8,7 @@ raises one clear message naming the problem and the fix.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from .errors import InputError
@@ -265,7 +266,9 @@ def _data_group(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="A local folder with the training data: a dataset folder (parquet, arrow, csv, json), "
         "a save_to_disk folder, or images with a metadata.jsonl/metadata.csv naming the image, the "
-        "conditioning image and the caption of each row.",
+        "conditioning image and the caption of each row. With --dataset_name, as in diffusers: the "
+        "folder of that dataset to load (load_dataset's data_dir), e.g. a subfolder of a local dataset, "
+        "or the data folder of --dataset_name=imagefolder.",
     )
     group.add_argument("--image_column", type=str, default="image")
     group.add_argument("--conditioning_image_column", type=str, default="conditioning_image")
@@ -432,8 +435,6 @@ def check_args(args: argparse.Namespace) -> None:
             "No training data: specify either `--dataset_name` (a hub id or a local dataset "
             "directory) or `--train_data_dir` (a local folder)."
         )
-    if args.dataset_name is not None and args.train_data_dir is not None:
-        raise ArgumentError("Specify only one of `--dataset_name` or `--train_data_dir`, not both.")
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise ArgumentError(
             f"`--proportion_empty_prompts` must be in the range [0, 1], got {args.proportion_empty_prompts}."
@@ -464,6 +465,7 @@ def check_args(args: argparse.Namespace) -> None:
         )
     _check_streaming(args)
     _check_buckets(args)
+    _check_folders(args)
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ArgumentError(f"`--snr_gamma` must be positive (5.0 is typical), got {args.snr_gamma}.")
     # Last: it imports accelerate (and torch), which the checks above answer without.
@@ -501,6 +503,15 @@ def _check_buckets(args: argparse.Namespace) -> None:
             "`--aspect_ratio_buckets` cannot be combined with `--streaming`: bucketing needs every "
             "image's size before training to group them. Drop one of the two."
         )
+
+
+def _check_folders(args: argparse.Namespace) -> None:
+    """Folders the run writes into that already exist as files: the libraries would stop with a
+    FileExistsError once the dataset or the models load."""
+    for name in ("cache_dir", "embeddings_cache_dir", "output_dir"):
+        value = getattr(args, name)
+        if value is not None and os.path.isfile(os.path.expanduser(value)):
+            raise ArgumentError(f"`--{name}={value}` is a file; it must name a folder. Choose another path.")
 
 
 def _check_validation_pairs(prompts: Sequence[str] | None, images: Sequence[str] | None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import logging
 from collections.abc import Sequence
 
 import datasets
@@ -24,6 +25,8 @@ from . import datasources
 from .buckets import Bucket, BucketGeometry, bucket_geometry, make_buckets, nearest_bucket
 from .errors import InputError
 
+logger = logging.getLogger(__name__)
+
 
 class DataError(InputError):
     """The dataset cannot be used as given; the message says what to change."""
@@ -36,21 +39,41 @@ class Columns:
     caption: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where the training rows are: what load_dataset is given, and the flag that named it."""
+
+    path: str
+    flag: str
+    data_dir: str | None = None  # --train_data_dir beside --dataset_name: load_dataset's data_dir
+
+    def describe(self) -> str:
+        return self.path if self.data_dir is None else f"{self.path} (data_dir {self.data_dir})"
+
+
+def source_from_args(args: argparse.Namespace) -> Source:
+    """diffusers' reading of the two flags: --dataset_name, with --train_data_dir as its data_dir
+    when both are given; --train_data_dir alone is the dataset itself."""
+    if args.dataset_name is not None:
+        return Source(args.dataset_name, "--dataset_name", args.train_data_dir)
+    return Source(args.train_data_dir, "--train_data_dir")
+
+
 def load_train_dataset(args: argparse.Namespace) -> datasets.Dataset:
-    """The ``train`` split named by --dataset_name or --train_data_dir, columns checked."""
-    source = args.dataset_name or args.train_data_dir
-    flag = "--dataset_name" if args.dataset_name else "--train_data_dir"
+    """The ``train`` split named by --dataset_name and/or --train_data_dir, columns checked."""
+    source = source_from_args(args)
     train = datasources.load_rows(
-        source,
+        source.path,
         config_name=args.dataset_config_name,
         cache_dir=args.cache_dir,
         columns=columns_from_args(args),
-        flag=flag,
+        flag=source.flag,
         skip_missing=getattr(args, "skip_bad_images", False),  # the fidelity command has no such flag
+        data_dir=source.data_dir,
     )
     check_columns(train, columns_from_args(args))
     if len(train) == 0:
-        raise DataError(f"Dataset {source!r} has no rows in its train split; add training data.")
+        raise DataError(f"Dataset {source.describe()!r} has no rows in its train split; add training data.")
     check_captions(train, args.caption_column)
     return train
 
@@ -131,8 +154,17 @@ def _is_text_feature(feature: object) -> bool:
 
 
 def select_samples(dataset: datasets.Dataset, max_samples: int | None, seed: int) -> datasets.Dataset:
-    """--max_train_samples: a seeded random subset, as diffusers takes it."""
-    if max_samples is None or max_samples >= len(dataset):
+    """--max_train_samples: a seeded random subset, as diffusers takes it; all rows when there
+    are no more than that."""
+    if max_samples is None:
+        return dataset
+    if max_samples >= len(dataset):
+        if max_samples > len(dataset):
+            logger.warning(
+                "--max_train_samples=%d is more than the %d training rows; training on all of them.",
+                max_samples,
+                len(dataset),
+            )
         return dataset
     return dataset.shuffle(seed=seed).select(range(max_samples))
 

@@ -53,17 +53,25 @@ def load_rows(
     columns: data.Columns,
     flag: str = "--dataset_name",
     skip_missing: bool = False,
+    data_dir: str | None = None,
 ) -> datasets.Dataset:
     """The train split of ``source`` (--dataset_name or --train_data_dir, named by ``flag``).
 
-    ``skip_missing`` (--skip_bad_images) leaves out metadata rows whose image files are missing
-    instead of stopping.
+    ``data_dir`` (--train_data_dir beside --dataset_name) is load_dataset's: the folder of the
+    dataset to read, as diffusers passes it. ``skip_missing`` (--skip_bad_images) leaves out
+    metadata rows whose image files are missing instead of stopping.
     """
-    return webdataset_columns(_load_rows(source, config_name, cache_dir, columns, flag, skip_missing))
+    return webdataset_columns(_load_rows(source, config_name, cache_dir, columns, flag, skip_missing, data_dir))
 
 
 def load_stream(
-    source: str, *, config_name: str | None, cache_dir: str | None, columns: data.Columns, flag: str
+    source: str,
+    *,
+    config_name: str | None,
+    cache_dir: str | None,
+    columns: data.Columns,
+    flag: str,
+    data_dir: str | None = None,
 ) -> datasets.IterableDataset:
     """The train split of ``source`` as a stream: rows are read as training reaches them.
 
@@ -72,12 +80,14 @@ def load_stream(
     streamed from its arrow files.
     """
     local = _local_path(source, flag)
-    if local is not None and (_is_saved_dataset(local) or _find_metadata(local) is not None):
-        rows = _load_rows(source, config_name, cache_dir, columns, flag, skip_missing=False)
-        return webdataset_columns(rows.to_iterable_dataset(num_shards=min(len(rows), STREAM_SHARDS)))
     if local is not None:
         _refuse_file(local, source, flag)
-    stream = _load_dataset(source if local is None else str(local), config_name, cache_dir, streaming=True)
+    folder = _data_folder(source, local, data_dir)
+    if folder is not None and (_is_saved_dataset(folder) or _find_metadata(folder) is not None):
+        rows = _load_rows(source, config_name, cache_dir, columns, flag, False, data_dir)
+        return webdataset_columns(rows.to_iterable_dataset(num_shards=min(len(rows), STREAM_SHARDS)))
+    where, data_dir = (source, data_dir) if local is None else (str(local), _inside(local, folder))
+    stream = _load_dataset(where, config_name, cache_dir, data_dir=data_dir, streaming=True)
     return webdataset_columns(_train_split(stream, source))
 
 
@@ -107,19 +117,52 @@ def _load_rows(
     columns: data.Columns,
     flag: str,
     skip_missing: bool,
+    data_dir: str | None = None,
 ) -> datasets.Dataset:
     local = _local_path(source, flag)
-    if local is None:
-        return _train_split(_load_dataset(source, config_name, cache_dir), source)
-    _refuse_file(local, source, flag)
-    if _is_saved_dataset(local):
+    if local is not None:
+        _refuse_file(local, source, flag)
+    folder = _data_folder(source, local, data_dir)
+    if folder is not None and _is_saved_dataset(folder):
         _refuse_config_name(config_name, "a dataset written by save_to_disk")
-        return _load_saved(local, source)
-    metadata = _find_metadata(local)
+        return _load_saved(folder, source)
+    metadata = None if folder is None else _find_metadata(folder)
     if metadata is not None:
         _refuse_config_name(config_name, f"a folder described by {metadata.name}")
         return load_metadata_folder(metadata, columns, skip_missing=skip_missing)
-    return _load_local_dataset(local, source, config_name, cache_dir)
+    if local is None:
+        return _train_split(_load_dataset(source, config_name, cache_dir, data_dir=data_dir), source)
+    return _load_local_dataset(local, source, config_name, cache_dir, _inside(local, folder))
+
+
+def _data_folder(source: str, local: Path | None, data_dir: str | None) -> Path | None:
+    """The local folder (or metadata file) that holds the rows, None where load_dataset finds them.
+
+    ``data_dir`` is read inside a local ``source`` (an absolute one stands alone), as load_dataset
+    reads it. With a packaged loader's name (--dataset_name=imagefolder) it is the folder itself:
+    one described by a metadata file is read here, conditioning images included.
+    """
+    if data_dir is None:
+        return local
+    if local is None:
+        folder = Path(data_dir).expanduser()
+        is_described = folder.is_dir() and _find_metadata(folder) is not None
+        return folder if source == "imagefolder" and is_described else None
+    folder = local / Path(data_dir).expanduser()
+    if not folder.is_dir() or not folder.resolve().is_relative_to(local.resolve()):
+        raise data.DataError(
+            f"`--train_data_dir={data_dir}` names the folder of `--dataset_name={source}` to load (its "
+            f"data_dir, as in diffusers), but {folder} is not a folder inside it. Name a subfolder of "
+            f"{local}, or drop one of the two flags."
+        )
+    return folder
+
+
+def _inside(local: Path, folder: Path) -> str | None:
+    """``folder`` as load_dataset's data_dir for the local dataset ``local`` (relative, as it
+    requires), or None for the whole dataset."""
+    relative = os.path.relpath(folder.resolve(), local.resolve())
+    return None if relative == "." else relative
 
 
 def _refuse_file(local: Path, source: str, flag: str) -> None:
@@ -165,21 +208,42 @@ def _load_dataset(path: str, config_name: str | None, cache_dir: str | None, **o
     try:
         # Datasets 4+ never runs a dataset's own loading script, so no remote code is executed.
         return datasets.load_dataset(path, config_name, cache_dir=cache_dir, **options)
+    except datasets.data_files.EmptyDatasetError as error:
+        raise data.DataError(
+            f"Dataset {path!r} has no data files ({error}). Point the flag at the folder that holds the "
+            "data: parquet, arrow, csv, json or WebDataset tar files, a folder written by save_to_disk, "
+            f"or a folder of images with one of {list(METADATA_FILES)}."
+        ) from error
+    except (ConnectionError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise data.DataError(
+            f"Dataset {path!r} is not a local folder, and it could not be loaded from the Hub ({error}). "
+            "A hub id needs the network or an earlier download in the cache (--cache_dir); a local "
+            "folder needs a path that exists (start it with ./ to say it is one)."
+        ) from error
     except ValueError as error:
         if "corresponds to no data" in str(error):
             raise data.DataError(f"Dataset {path!r} has no rows in its train split; add training data.") from error
+        if str(error).startswith("BuilderConfig"):  # "BuilderConfig 'x' not found. Available: [...]"
+            raise data.DataError(
+                f"`--dataset_config_name={config_name}` is not a configuration of {path!r} ({error}). "
+                "Pass one of those, or drop the flag."
+            ) from error
         raise
 
 
-def _load_local_dataset(path: Path, source: str, config_name: str | None, cache_dir: str | None) -> datasets.Dataset:
+def _load_local_dataset(
+    path: Path, source: str, config_name: str | None, cache_dir: str | None, data_dir: str | None = None
+) -> datasets.Dataset:
     """load_dataset on a local directory, rebuilt when its cache is older than the files."""
-    loaded = _load_dataset(str(path), config_name, cache_dir)
+    loaded = _load_dataset(str(path), config_name, cache_dir, data_dir=data_dir)
     # With a README (or .huggingface.yaml) declaring `configs:`, datasets keys the cache by the
     # folder and config names alone, so a folder rebuilt in place would silently load old rows.
     if not _has_dataset_card(path):
         return _train_split(loaded, source)
     if _newest_mtime(_walk(path)) > _oldest_cache_mtime(loaded):
-        loaded = _load_dataset(str(path), config_name, cache_dir, download_mode=datasets.DownloadMode.FORCE_REDOWNLOAD)
+        loaded = _load_dataset(
+            str(path), config_name, cache_dir, data_dir=data_dir, download_mode=datasets.DownloadMode.FORCE_REDOWNLOAD
+        )
     train = _train_split(loaded, source)
     # The rebuilt cache keeps its path and so its fingerprint; tie the fingerprint to when the
     # cache was written, so caches keyed by it (datasets' own, --cache_latents) see the new rows.
@@ -240,8 +304,18 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def _load_saved(path: Path, source: str) -> datasets.Dataset:
+    """The train split of a save_to_disk folder, read alone: load_from_disk fails with an
+    IndexError on a split saved without rows, whichever split it is."""
+    split = path
+    if (path / datasets.config.DATASETDICT_JSON_FILENAME).is_file():
+        splits = json.loads((path / datasets.config.DATASETDICT_JSON_FILENAME).read_text())["splits"]
+        _train_split(dict.fromkeys(splits), source)  # names the splits there are if train is not one
+        split = path / "train"
+    state = json.loads((split / datasets.config.DATASET_STATE_JSON_FILENAME).read_text())
+    if not state.get("_data_files"):
+        raise data.DataError(f"Dataset {source!r} has no rows in its train split; add training data.")
     # Memory-mapped from the saved arrow files, which are the data itself: no cache to go stale.
-    return _train_split(datasets.load_from_disk(str(path)), source)
+    return datasets.load_from_disk(str(split))
 
 
 def _find_metadata(path: Path) -> Path | None:

@@ -44,7 +44,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from torchvision.transforms import v2
 
-from . import data, sharding
+from . import data, integrity, sharding
 from .arguments import INTERPOLATION_MODES
 from .errors import InputError
 from .family import SD, SDXL, ModelFamily, crop_override_from_args, unet_added_conditioning
@@ -320,16 +320,38 @@ def heldout_rows(
     """(training rows, held-out rows or None) as --fidelity_samples / --fidelity_dataset say."""
     if not args.fidelity_samples:
         return rows, None
-    if args.fidelity_dataset is None:
+    if args.fidelity_dataset is not None:
+        return rows, heldout_from_dataset(args)
+    try:
         return split_heldout(rows, args.fidelity_samples, seed)
-    return rows, heldout_from_dataset(args)
+    except InputError as error:
+        if not args.skip_bad_images:
+            raise
+        raise InputError(
+            f"{error} (Counted after --skip_bad_images left out the rows with unreadable images.)"
+        ) from error
 
 
 def heldout_from_dataset(args: argparse.Namespace) -> datasets.Dataset:
-    """The first --fidelity_samples rows of --fidelity_dataset."""
+    """The first --fidelity_samples rows of --fidelity_dataset, their images checked."""
     source = argparse.Namespace(**(vars(args) | {"dataset_name": args.fidelity_dataset, "train_data_dir": None}))
     held_out = data.load_train_dataset(source)
-    return held_out.select(range(min(args.fidelity_samples, len(held_out))))
+    held_out = held_out.select(range(min(args.fidelity_samples, len(held_out))))
+    if len(held_out) < MIN_SAMPLES:
+        raise InputError(
+            f"--fidelity_dataset {args.fidelity_dataset!r} has {len(held_out)} row(s); the fidelity probe "
+            f"needs at least {MIN_SAMPLES} (each sample is scored against another's conditioning image). "
+            "Add rows, or drop --fidelity_dataset to hold out training rows instead."
+        )
+    # The training rows' images are checked before training; these are too, not when the probe is built.
+    report = integrity.scan_images(held_out, data.columns_from_args(args), resolution=args.resolution, num_workers=0)
+    if report.problems:
+        first = report.problems[0]
+        raise InputError(
+            f"--fidelity_dataset {args.fidelity_dataset!r}: row {first.row} has an unreadable image in "
+            f"`{first.column}`, file {first.source!r} ({first.error}). Fix or remove it."
+        )
+    return held_out
 
 
 def probe_for_training(
@@ -413,8 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    if (args.dataset_name is None) == (args.train_data_dir is None):
-        raise InputError("Specify exactly one of `--dataset_name` or `--train_data_dir`.")
+    if args.dataset_name is None and args.train_data_dir is None:
+        raise InputError(
+            "No data to score on: specify `--dataset_name` (a hub id or a local dataset directory) or "
+            "`--train_data_dir` (a local folder), or both, as for training."
+        )
     if args.resolution is not None and args.resolution % 8 != 0:
         raise InputError(f"`--resolution` must be divisible by 8, got {args.resolution}.")
     for name in ("num_samples", "timesteps_per_sample", "batch_size"):

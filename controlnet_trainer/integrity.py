@@ -129,5 +129,9 @@ def apply_scan(rows: datasets.Dataset, report: ScanReport, *, skip_bad: bool, re
     )
     keep = sorted(set(range(len(rows))) - set(bad_rows))
     if not keep:
-        raise DataError("Every row has an unreadable image; there is nothing to train on.")
+        raise DataError(
+            f"--skip_bad_images left out every row: all {len(rows)} have an unreadable image (the first is "
+            f"row {first.row}, column `{first.column}`, file {first.source!r}: {first.error}), so there is "
+            "nothing to train on. Fix the files, or check --image_column and --conditioning_image_column."
+        )
     return rows.select(keep)

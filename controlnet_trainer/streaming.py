@@ -41,17 +41,21 @@ logger = logging.getLogger(__name__)
 
 
 def load_stream(args: argparse.Namespace) -> datasets.IterableDataset:
-    """The train split of --dataset_name / --train_data_dir as a stream, columns checked."""
-    source = args.dataset_name or args.train_data_dir
+    """The train split of --dataset_name and/or --train_data_dir as a stream, columns checked."""
+    source = data.source_from_args(args)
     columns = data.columns_from_args(args)
     stream = datasources.load_stream(
-        source,
+        source.path,
         config_name=args.dataset_config_name,
         cache_dir=args.cache_dir,
         columns=columns,
-        flag="--dataset_name" if args.dataset_name else "--train_data_dir",
+        flag=source.flag,
+        data_dir=source.data_dir,
     )
     data.check_columns(stream, columns)
+    # One row is read (not decoded) so that an empty stream fails here, not after the models load.
+    if next(iter(data.undecoded(stream, [columns.image, columns.conditioning_image]).take(1)), None) is None:
+        raise data.DataError(f"Dataset {source.describe()!r} has no rows in its train split; add training data.")
     return stream
 
 
@@ -62,12 +66,14 @@ def split_stream(
     fidelity measure and never trained on; --max_train_samples then takes the next rows."""
     rows = None
     if held_out:
-        rows = datasets.Dataset.from_list(list(stream.take(held_out)), features=stream.features)
-        if len(rows) < held_out:
+        # One row more than is held out: the training stream must not be left empty.
+        first = list(stream.take(held_out + 1))
+        if len(first) <= held_out:
             raise data.DataError(
-                f"The stream has only {len(rows)} rows, too few to hold out --fidelity_samples={held_out} "
+                f"The stream has only {len(first)} rows, too few to hold out --fidelity_samples={held_out} "
                 "and train on the rest; lower --fidelity_samples or pass --fidelity_dataset."
             )
+        rows = datasets.Dataset.from_list(first[:held_out], features=stream.features)
         stream = stream.skip(held_out)
     if max_samples is not None:
         stream = stream.take(max_samples)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 import pytest
 from accelerate.tracking import get_available_trackers
 
 from controlnet_trainer.arguments import ArgumentError, build_parser, check_args, parse_args
+from controlnet_trainer.data import source_from_args
 from controlnet_trainer.plan import make_plan
 
 # diffusers examples/controlnet/train_controlnet.py: flag -> default.
@@ -111,7 +113,6 @@ BASE = ["--pretrained_model_name_or_path=m", "--dataset_name=d"]
     "argv, message",
     [
         (["--pretrained_model_name_or_path=m"], "specify either `--dataset_name`"),
-        (BASE + ["--train_data_dir=x"], "only one of `--dataset_name` or `--train_data_dir`"),
         (BASE + ["--proportion_empty_prompts=1.5"], r"must be in the range \[0, 1\]"),
         (BASE + ["--validation_prompt", "a"], "`--validation_image` must be set"),
         (BASE + ["--validation_image", "a.png"], "`--validation_prompt` must be set"),
@@ -123,6 +124,7 @@ BASE = ["--pretrained_model_name_or_path=m", "--dataset_name=d"]
         (BASE + ["--report_to=wandb", "--hub_token=t"], "both --report_to=wandb and --hub_token"),
         (BASE + ["--train_batch_size=0"], "`--train_batch_size` must be at least 1"),
         (BASE + ["--max_train_steps=0"], "`--max_train_steps` must be at least 1"),
+        (BASE + ["--max_train_samples=0"], "`--max_train_samples` must be at least 1"),
         (BASE + ["--snr_gamma=0"], "`--snr_gamma` must be positive"),
         (BASE + ["--learning_rate=-1e-5"], "`--learning_rate` must be positive"),
         (BASE + ["--adam_beta2=1"], r"`--adam_beta2` must be in the range \[0, 1\)"),
@@ -133,6 +135,23 @@ BASE = ["--pretrained_model_name_or_path=m", "--dataset_name=d"]
 def test_bad_arguments_raise_clear_messages(argv, message):
     with pytest.raises(ArgumentError, match=message):
         parse_args(argv)
+
+
+@pytest.mark.parametrize("flag", ["cache_dir", "embeddings_cache_dir", "output_dir"])
+def test_a_folder_flag_naming_a_file_is_refused(flag, tmp_path):
+    # Otherwise a FileExistsError from datasets or the cache once loading starts.
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ArgumentError, match=f"`--{flag}=.*a_file` is a file; it must name a folder"):
+        parse_args(BASE + [f"--{flag}={tmp_path / 'a_file'}"])
+    parse_args(BASE + [f"--{flag}={tmp_path}"])
+
+
+def test_train_data_dir_beside_dataset_name_is_its_data_dir():
+    """As in diffusers: load_dataset(--dataset_name, data_dir=--train_data_dir)."""
+    source = source_from_args(parse_args(BASE + ["--train_data_dir=edges"]))
+    assert (source.path, source.flag, source.data_dir) == ("d", "--dataset_name", "edges")
+    alone = source_from_args(parse_args(["--pretrained_model_name_or_path=m", "--train_data_dir=folder"]))
+    assert (alone.path, alone.flag, alone.data_dir) == ("folder", "--train_data_dir", None)
 
 
 def test_a_tracker_that_is_not_installed_is_refused_before_training():
@@ -190,3 +209,194 @@ def test_plan_max_steps_overrides_epochs_and_scale_lr():
     plan = plan_for(16, max_train_steps=10, scale_lr=True, gradient_accumulation_steps=2)
     assert plan.steps_per_epoch == 2 and plan.num_train_epochs == 5
     assert plan.learning_rate == pytest.approx(1e-5 * 8)
+
+
+# Every training command of diffusers' examples/controlnet README.md (train_controlnet.py) and
+# README_sdxl.md (train_controlnet_sdxl.py), as written there after `accelerate launch <script>`.
+# The Flax commands of README.md run another script (train_controlnet_flax.py) and are not here.
+_FILL_VALIDATION = """
+ --validation_image "./conditioning_image_1.png" "./conditioning_image_2.png" \\
+ --validation_prompt "red circle with blue background" "cyan circle with brown floral background" \\
+"""
+DIFFUSERS_README_COMMANDS = {
+    "sd: training": (
+        False,
+        """--pretrained_model_name_or_path=$MODEL_DIR \\
+ --output_dir=$OUTPUT_DIR \\
+ --dataset_name=fusing/fill50k \\
+ --resolution=512 \\
+ --learning_rate=1e-5 \\"""
+        + _FILL_VALIDATION
+        + " --train_batch_size=4",
+    ),
+    "sd: --report_to wandb, as the text after it says": (
+        False,
+        (
+            "--pretrained_model_name_or_path=$MODEL_DIR --output_dir=$OUTPUT_DIR --dataset_name=fusing/fill50k "
+            "--report_to wandb"
+        ),
+    ),
+    "sd: gradient accumulation, ~20 GB": (
+        False,
+        """--pretrained_model_name_or_path=$MODEL_DIR \\
+ --output_dir=$OUTPUT_DIR \\
+ --dataset_name=fusing/fill50k \\
+ --resolution=512 \\
+ --learning_rate=1e-5 \\"""
+        + _FILL_VALIDATION
+        + """ --train_batch_size=1 \\
+ --gradient_accumulation_steps=4""",
+    ),
+    "sd: multiple GPUs": (
+        False,
+        """--pretrained_model_name_or_path=$MODEL_DIR \\
+ --output_dir=$OUTPUT_DIR \\
+ --dataset_name=fusing/fill50k \\
+ --resolution=512 \\
+ --learning_rate=1e-5 \\"""
+        + _FILL_VALIDATION
+        + """ --train_batch_size=4 \\
+ --mixed_precision="fp16" \\
+ --tracker_project_name="controlnet-demo" \\
+ --report_to=wandb""",
+    ),
+    "sd: 16 GB": (
+        False,
+        """--pretrained_model_name_or_path=$MODEL_DIR \\
+ --output_dir=$OUTPUT_DIR \\
+ --dataset_name=fusing/fill50k \\
+ --resolution=512 \\
+ --learning_rate=1e-5 \\"""
+        + _FILL_VALIDATION
+        + """ --train_batch_size=1 \\
+ --gradient_accumulation_steps=4 \\
+ --gradient_checkpointing \\
+ --use_8bit_adam""",
+    ),
+    "sd: 12 GB": (
+        False,
+        """--pretrained_model_name_or_path=$MODEL_DIR \\
+ --output_dir=$OUTPUT_DIR \\
+ --dataset_name=fusing/fill50k \\
+ --resolution=512 \\
+ --learning_rate=1e-5 \\"""
+        + _FILL_VALIDATION
+        + """ --train_batch_size=1 \\
+ --gradient_accumulation_steps=4 \\
+ --gradient_checkpointing \\
+ --use_8bit_adam \\
+ --enable_xformers_memory_efficient_attention \\
+ --set_grads_to_none""",
+    ),
+    "sd: 8 GB with DeepSpeed": (
+        False,
+        """--pretrained_model_name_or_path=$MODEL_DIR \\
+ --output_dir=$OUTPUT_DIR \\
+ --dataset_name=fusing/fill50k \\
+ --resolution=512 \\"""
+        + _FILL_VALIDATION
+        + """ --train_batch_size=1 \\
+ --gradient_accumulation_steps=4 \\
+ --gradient_checkpointing \\
+ --enable_xformers_memory_efficient_attention \\
+ --set_grads_to_none \\
+ --mixed_precision fp16""",
+    ),
+    "sdxl: training": (
+        True,
+        """--pretrained_model_name_or_path=$MODEL_DIR \\
+ --output_dir=$OUTPUT_DIR \\
+ --dataset_name=fusing/fill50k \\
+ --mixed_precision="fp16" \\
+ --resolution=1024 \\
+ --learning_rate=1e-5 \\
+ --max_train_steps=15000 \\"""
+        + _FILL_VALIDATION
+        + """ --validation_steps=100 \\
+ --train_batch_size=1 \\
+ --gradient_accumulation_steps=4 \\
+ --report_to="wandb" \\
+ --seed=42 \\
+ --push_to_hub""",
+    ),
+    "sdxl: 24 GB": (
+        True,
+        """--pretrained_model_name_or_path=$MODEL_DIR\\
+ --dataset_name=fusing/fill50k\\
+ --mixed_precision="fp16"\\
+ --resolution=512\\
+ --learning_rate=1e-5\\
+ --max_train_steps=15000\\
+ --validation_image "./conditioning_image_1.png" "./conditioning_image_2.png"\\
+ --validation_prompt "red circle with blue background" "cyan circle with brown floral background"\\
+ --validation_steps=100\\
+ --train_batch_size=1\\
+ --gradient_accumulation_steps=4\\
+ --report_to="wandb"\\
+ --seed=1337\\
+ --push_to_hub""",
+    ),
+}
+
+
+def readme_argv(command: str, **variables: str) -> list[str]:
+    """The arguments a shell passes for ``command`` (line continuations and quotes resolved), its
+    $VARIABLES replaced."""
+    for name, value in variables.items():
+        command = command.replace(f"${name}", value)
+    return shlex.split(command.replace("\\\n", " "))
+
+
+def written_flags(argv: list[str]) -> dict[str, list[str]]:
+    """--flag -> the values written after it (`--flag=value` or `--flag value ...`)."""
+    flags: dict[str, list[str]] = {}
+    for token in argv:
+        if token.startswith("--"):
+            name, _, value = token[2:].partition("=")
+            flags[name] = [value] if value else []
+        else:
+            flags[name].append(token)
+    return flags
+
+
+def parse_readme_command(argv: list[str], sdxl: bool) -> argparse.Namespace:
+    """The command parsed and checked. The one refusal allowed is a tracker package this machine
+    lacks (--report_to=wandb), which is said before training; the rest is then checked with the
+    default tracker (the last --report_to wins)."""
+    try:
+        return parse_args(argv, sdxl=sdxl)
+    except ArgumentError as error:
+        assert "which is not installed" in str(error), str(error)
+        return parse_args([*argv, "--report_to=tensorboard"], sdxl=sdxl)
+
+
+@pytest.mark.parametrize("name", DIFFUSERS_README_COMMANDS)
+def test_diffusers_readme_commands_are_accepted_as_written(name):
+    sdxl, command = DIFFUSERS_README_COMMANDS[name]
+    argv = readme_argv(command, MODEL_DIR="model", OUTPUT_DIR="out")
+    args = parse_readme_command(argv, sdxl)
+    # Every flag means what it says: the parsed value is the written one.
+    for flag, values in written_flags(argv).items():
+        parsed = getattr(args, flag)
+        if flag == "report_to" and parsed != values[0]:
+            continue  # replaced above: the tracker is not installed here
+        if not values:
+            assert parsed is True, flag
+        elif isinstance(parsed, list):
+            assert parsed == values, flag
+        else:
+            assert parsed == type(parsed)(values[0]), flag
+
+
+def test_diffusers_readme_command_dry_runs_on_the_fixtures(assets, tmp_path):
+    """The README's first command, its hub ids replaced by the fixtures, resolves a plan."""
+    from controlnet_trainer.cli import run
+
+    sdxl, command = DIFFUSERS_README_COMMANDS["sd: training"]
+    command = command.replace("fusing/fill50k", str(assets["fill"]))
+    command = command.replace("./conditioning_image_1.png", str(assets["validation"][0]))
+    command = command.replace("./conditioning_image_2.png", str(assets["validation"][0]))
+    argv = readme_argv(command, MODEL_DIR=str(assets["sd"]), OUTPUT_DIR=str(tmp_path / "out"))
+    plan = run([*argv, "--report_to=none", "--dry_run"], sdxl=sdxl).plan["plan"]
+    assert plan["num_samples"] == 24 and plan["total_batch_size"] == 4 and plan["learning_rate"] == 1e-5
+    assert not any((tmp_path / "out").rglob("*"))  # nothing written

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -11,10 +12,11 @@ import pytest
 import torch
 from conftest import RESOLUTION, train_argv
 
-from controlnet_trainer import fixtures
+from controlnet_trainer import fixtures, streaming
 from controlnet_trainer.cli import run
-from controlnet_trainer.data import Columns, ControlNetDataset, DataError, PairedTransform
+from controlnet_trainer.data import Columns, ControlNetDataset, DataError, PairedTransform, load_train_dataset
 from controlnet_trainer.datasources import load_rows
+from controlnet_trainer.tracking import OPTIONS_FILE
 
 COLUMNS = Columns("image", "conditioning_image", "text")
 FILL_ROWS = 24  # conftest's assets["fill"]: 24 rows, 64 px, seed 0
@@ -214,4 +216,55 @@ def test_trains_two_steps_on_a_metadata_folder(assets, fill_folder, tmp_path):
     """End to end through the CLI; needs data.load_train_dataset to call datasources.load_rows."""
     result = run(train_argv(assets, tmp_path, dataset_name=None, train_data_dir=fill_folder, max_train_steps=2))
     assert result.global_step == 2
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def subsets(tmp_path_factory) -> Path:
+    """One local dataset folder, three subsets: parquet a/ (8 rows) and b/ (5), metadata folder c/ (3)."""
+    root = tmp_path_factory.mktemp("subsets") / "fill"
+    fixtures.build_fill_dataset(root / "a", num_rows=8, size=16, seed=1)
+    fixtures.build_fill_dataset(root / "b", num_rows=5, size=RESOLUTION, seed=2)
+    fixtures.write_fill_folder(root / "c", num_rows=3, size=16, seed=3)
+    return root
+
+
+def flags(**values) -> argparse.Namespace:
+    """The flags the loaders read; ``values`` override them."""
+    defaults = {
+        "dataset_name": None,
+        "train_data_dir": None,
+        "dataset_config_name": None,
+        "cache_dir": None,
+        "image_column": "image",
+        "conditioning_image_column": "conditioning_image",
+        "caption_column": "text",
+    }
+    return argparse.Namespace(**(defaults | {name: str(value) for name, value in values.items()}))
+
+
+def test_train_data_dir_beside_dataset_name_is_its_data_dir(subsets):
+    """diffusers: load_dataset(--dataset_name, data_dir=--train_data_dir)."""
+    subset_b = datasets.load_dataset(str(subsets / "b"))["train"]["text"]
+    assert load_train_dataset(flags(dataset_name=subsets, train_data_dir="b"))["text"] == subset_b
+    assert load_train_dataset(flags(dataset_name=subsets, train_data_dir=subsets / "b"))["text"] == subset_b
+    # The stream reads the same subfolder.
+    stream = streaming.load_stream(flags(dataset_name=subsets, train_data_dir="b"))
+    assert [row["text"] for row in stream] == subset_b
+    # A subfolder described by metadata.jsonl is read as such: its conditioning images are images.
+    subset_c = load_train_dataset(flags(dataset_name=subsets, train_data_dir="c"))
+    assert len(subset_c) == 3 and subset_c.features["conditioning_image"] == datasets.Image()
+    # datasets' own idiom for a folder of images, with the metadata's conditioning images read too.
+    from_imagefolder = load_train_dataset(flags(dataset_name="imagefolder", train_data_dir=subsets / "c"))
+    assert from_imagefolder["text"] == subset_c["text"]
+    assert from_imagefolder.features["conditioning_image"] == datasets.Image()
+    with pytest.raises(DataError, match=r"`--train_data_dir=d` names the folder of `--dataset_name=.*fill` to load"):
+        load_train_dataset(flags(dataset_name=subsets, train_data_dir="d"))
+
+
+def test_trains_on_the_subfolder_train_data_dir_selects(assets, subsets, tmp_path):
+    argv = train_argv(assets, tmp_path, dataset_name=subsets, train_data_dir="b", max_train_steps=1)
+    assert run(argv).global_step == 1
+    options = json.loads((tmp_path / OPTIONS_FILE).read_text())
+    assert options["plan"]["num_samples"] == 5  # b/ alone: a/ has 8 rows, the whole folder 16
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
