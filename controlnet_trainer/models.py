@@ -54,7 +54,8 @@ def load_models(args: argparse.Namespace, family: ModelFamily) -> Models:
         return _load_models(args, family)
     except OSError as error:
         flags = ["--pretrained_model_name_or_path"]
-        flags += [f"--{name}" for name in ("revision", "variant", "tokenizer_name") if getattr(args, name)]
+        named = ("controlnet_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "variant")
+        flags += [f"--{name}" for name in (*named, "tokenizer_name") if getattr(args, name, None)]
         raise ModelError(
             f"Could not load the models: {' '.join(str(error).split())} Check {', '.join(flags)}; "
             "a hub id needs the network or an earlier download in the cache."
@@ -90,7 +91,17 @@ def check_family(args: argparse.Namespace, family: ModelFamily, *, fidelity_comm
     UNet's config alone, instead of deep in a tokenizer or at the first step."""
     base = args.pretrained_model_name_or_path
     _check_local_path(base, "--pretrained_model_name_or_path")
-    config = UNet2DConditionModel.load_config(base, subfolder="unet", revision=args.revision, cache_dir=args.cache_dir)
+    try:
+        config = UNet2DConditionModel.load_config(
+            base, subfolder="unet", revision=args.revision, cache_dir=args.cache_dir
+        )
+    except OSError as error:
+        raise ModelError(
+            f"`--pretrained_model_name_or_path` {base!r} is not a diffusers pipeline that can be read "
+            f"({' '.join(str(error).split())}). Point it at a Stable Diffusion pipeline in diffusers format "
+            "(with unet/, vae/, text_encoder/, tokenizer/ and scheduler/); a hub id needs the network or an "
+            "earlier download in the cache."
+        ) from error
     is_sdxl = config.get("addition_embed_type") == "text_time"  # SDXL's pooled-text and size conditioning
     if is_sdxl == (family.name == "sdxl"):
         return
@@ -122,9 +133,21 @@ def _load_tokenizer(args: argparse.Namespace, family: ModelFamily, subfolder: st
         source, subfolder = args.tokenizer_name, ""
     else:  # SDXL's --tokenizer_name names a repo holding tokenizer/ and tokenizer_2/
         source = args.tokenizer_name or args.pretrained_model_name_or_path
-    return transformers.AutoTokenizer.from_pretrained(
-        source, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir, use_fast=False
-    )
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            source, subfolder=subfolder, revision=args.revision, cache_dir=args.cache_dir, use_fast=False
+        )
+    except (OSError, ValueError) as error:
+        if not args.tokenizer_name:
+            raise  # load_models names the base model's files
+        layout = "a CLIP tokenizer (vocab.json, merges.txt)"
+        if len(family.text_components) > 1:
+            layout = "tokenizer/ and tokenizer_2/ subfolders holding CLIP tokenizers"
+        raise ModelError(
+            f"`--tokenizer_name` {args.tokenizer_name!r} holds no tokenizer ({' '.join(str(error).split())}). "
+            f"Point it at a folder or hub repo with {layout}; a pipeline's own is in its tokenizer/ "
+            "subfolder, and without the flag the base model's is used."
+        ) from error
 
 
 def _load_text_encoder(base: str, subfolder: str, **kwargs) -> torch.nn.Module:

@@ -218,7 +218,7 @@ def make_accelerator(args: argparse.Namespace, output_dir: Path) -> Accelerator:
         # Other processes wait while the main one loads a dataset (a download, on first use).
         kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=args.ddp_timeout))],
     )
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not args.dry_run:  # a dry run leaves nothing behind
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -757,7 +757,8 @@ def end_epoch(progress: TrainingProgress, epoch: int, batches_run: int) -> Train
     if batches_run == 0 and progress.batch_in_epoch == 0:
         raise data.DataError(
             "An epoch of the stream gave no batch: it holds fewer rows than one batch per process "
-            "(--train_batch_size x processes). Add data or lower --train_batch_size."
+            "(--train_batch_size x processes), or --skip_bad_images left out every row it read (see the "
+            "warnings above). Add data, lower --train_batch_size, or fix the images."
         )
     return dataclasses.replace(progress, epoch=epoch + 1, batch_in_epoch=0)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +30,20 @@ def script_env(**extra) -> dict:
     return env | extra
 
 
+def free_port() -> int:
+    """A port nobody listens on now: launches that run side by side (pytest -n) never share one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def accelerate_launch(
     launch_flags: list[str], argv: list[str], *, engine_on_cpu: bool = False, timeout: int = 900
 ) -> subprocess.CompletedProcess:
     """train_controlnet.py under `accelerate launch` with ``launch_flags``. With ``engine_on_cpu``,
     the FSDP or DeepSpeed run the configuration asks for spans CPU processes: accelerate's CPU
     mode, and engines_on_cpu.py to lift accelerate's GPU-only check."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_flags]
+    command = [sys.executable, "-m", "accelerate.commands.launch", f"--main_process_port={free_port()}", *launch_flags]
     command += [str(ENGINES_ON_CPU)] if engine_on_cpu else []
     return subprocess.run(
         [*command, str(ROOT / "train_controlnet.py"), *argv],

@@ -17,7 +17,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import RESOLUTION, ROOT, script_env, step_records, train_argv
+from conftest import RESOLUTION, ROOT, free_port, script_env, step_records, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer import fixtures, training
@@ -68,8 +67,9 @@ cli.main()
 """
 
 
-def start_two(script: Path, argv: list[str], machine: list[str] = ("--num_machines=1",), **env) -> subprocess.Popen:
+def start_two(script: Path, argv: list[str], machine: list[str] | None = None, **env) -> subprocess.Popen:
     """Two ranks on one machine; or, with ``machine`` flags for two, this machine's one rank."""
+    machine = machine or ["--num_machines=1", f"--main_process_port={free_port()}"]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes=2",
         *machine, "--mixed_precision=no", "--dynamo_backend=no", str(script), *argv,
@@ -371,12 +371,6 @@ def test_stop_and_resume_in_two_processes_matches_the_uninterrupted_run(assets, 
     a, b = load_file(output_dir / WEIGHTS), load_file(straight_dir / WEIGHTS)
     different = [k for k in b if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def two_machines(argv: list[str], homes: tuple[Path, Path]) -> list[str]:

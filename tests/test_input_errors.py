@@ -119,3 +119,15 @@ def test_unreachable_hub_dataset(assets, tmp_path, monkeypatch):
         r"Dataset 'nobody/no-such-dataset' is not a local folder, and it could not be loaded from the Hub "
         r"\(.*\)\. A hub id needs the network or an earlier download in the cache",
     )
+
+
+@pytest.mark.parametrize(
+    ("flag", "asset", "match"),
+    [
+        ("tokenizer_name", "sd", r"`--tokenizer_name` .*tiny-sd' holds no tokenizer .* tokenizer/ subfolder"),
+        ("pretrained_model_name_or_path", "fill", r"fill' is not a diffusers pipeline that can be read"),
+        ("controlnet_model_name_or_path", "sd", r"Check --pretrained_model_name_or_path, --controlnet_model_name"),
+    ],
+)
+def test_a_model_flag_pointing_at_the_wrong_folder(assets, tmp_path, flag, asset, match):
+    refused(train_argv(assets, tmp_path / "out", **{flag: assets[asset]}), match)
