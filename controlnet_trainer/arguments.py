@@ -40,7 +40,9 @@ def _model_group(parser: argparse.ArgumentParser) -> None:
         "--controlnet_model_name_or_path",
         type=str,
         default=None,
-        help="ControlNet to start from. If absent, the ControlNet is built from the UNet's weights.",
+        help="ControlNet to start from: a diffusers folder or Hub id, or one .safetensors file in the "
+        "original (A1111 / ComfyUI) layout, configured from the base model's UNet. If absent, the "
+        "ControlNet is built from the UNet's weights.",
     )
     group.add_argument("--revision", type=str, default=None, help="Revision of the base model to load.")
     group.add_argument("--variant", type=str, default=None, help="Variant of the model files to load, e.g. fp16.")
@@ -185,7 +187,8 @@ def _checkpoint_group(parser: argparse.ArgumentParser) -> None:
         "--resume_from_checkpoint",
         type=str,
         default=None,
-        help='Resume from a checkpoint: its name in --output_dir, a path, or "latest".',
+        help='Resume from a checkpoint: its name in --output_dir, a path, or "latest". Checkpoints '
+        "written by diffusers' scripts resume too.",
     )
     group.add_argument(
         "--stop_at_step",
