@@ -161,7 +161,7 @@ def save_checkpoint(
         ) from error
     if accelerator.is_main_process:
         if final.exists():
-            if not is_ours(final):  # check_foreign_checkpoints refuses such runs before they start
+            if not is_ours(final):  # check_output_dir refuses such runs before they start
                 shutil.rmtree(partial, ignore_errors=True)
                 raise CheckpointError(
                     f"{final} exists and was not written by this trainer; it is kept as it is and this "
@@ -211,22 +211,20 @@ class ResumePoint:
 
     path: Path
     step: int
-    from_diffusers: bool  # written by diffusers' script: no training_state.json
-
-    def saved_seed(self) -> int | None:
-        return None if self.from_diffusers else TrainingProgress.load(self.path).seed
+    saved: TrainingProgress | None  # this trainer's progress; None for diffusers' checkpoints
 
 
 def resume_point(path: Path) -> ResumePoint:
     if is_ours(path):
-        return ResumePoint(path, TrainingProgress.load(path).global_step, from_diffusers=False)
+        saved = TrainingProgress.load(path)
+        return ResumePoint(path, saved.global_step, saved)
     match = _CHECKPOINT.match(path.name)
     if match is None:
         raise CheckpointError(
             f"{path} has no {STATE_FILE}, and without one its step is read from a folder name of the "
             "form checkpoint-<step>, which it does not have. Rename it to checkpoint-<step>."
         )
-    return ResumePoint(path, int(match.group(1)), from_diffusers=True)
+    return ResumePoint(path, int(match.group(1)), saved=None)
 
 
 def resolve_resume(output_dir: Path, resume_from: str | None) -> ResumePoint | None:
@@ -237,7 +235,7 @@ def resolve_resume(output_dir: Path, resume_from: str | None) -> ResumePoint | N
         folders = [path for _, path in checkpoint_folders(output_dir)]
         usable = [path for path in folders if is_ours(path) or is_diffusers_checkpoint(path)]
         if not usable:
-            if folders:  # check_foreign_checkpoints names them and refuses
+            if folders:  # check_output_dir names them and refuses
                 return None
             logger.warning(
                 "--resume_from_checkpoint=latest: no complete checkpoint in %s; starting a new training run.",
@@ -264,12 +262,19 @@ def resolve_resume(output_dir: Path, resume_from: str | None) -> ResumePoint | N
     return resume_point(path)
 
 
-def check_foreign_checkpoints(output_dir: Path, resume: ResumePoint | None) -> None:
-    """Refuse a run that could write over a checkpoint folder it did not write.
+def check_output_dir(output_dir: Path, resume: ResumePoint | None) -> None:
+    """Refuse a run that could mix with another run's checkpoints or write over a folder it did not write.
 
-    A fresh run refuses every foreign folder; a resumed one those past its starting step, since
-    any step it reaches may be saved (a preemption stops at whatever step it comes).
+    A fresh run refuses any checkpoint folder (rotation would delete this trainer's); a resumed one
+    refuses foreign folders past its starting step, since any step it reaches may be saved (a
+    preemption stops at whatever step it comes).
     """
+    if resume is None and (ours := list_checkpoints(output_dir)):
+        raise CheckpointError(
+            f"--output_dir {output_dir} already holds checkpoints of another run "
+            f"({', '.join(p.name for p in ours)}). To continue that run add "
+            "--resume_from_checkpoint=latest; to start a new one choose another --output_dir."
+        )
     start = 0 if resume is None else resume.step
     ahead = [path for step, path in foreign_checkpoints(output_dir) if resume is None or step > start]
     if not ahead:
@@ -307,10 +312,9 @@ def load_checkpoint(
             "with the model and optimizer flags it was saved with (--pretrained_model_name_or_path, "
             "--use_8bit_adam, --mixed_precision); pass those, or start a new run in another --output_dir."
         ) from error
-    if not resume.from_diffusers:
-        progress = TrainingProgress.load(resume.path)
-        logger.info("Resumed from %s at step %d", resume.path, progress.global_step)
-        return progress
+    if resume.saved is not None:
+        logger.info("Resumed from %s at step %d", resume.path, resume.step)
+        return resume.saved
     progress = progress_at_step(resume.step, seed, batches_per_epoch, accumulation)
     logger.warning(
         "Resumed from %s, written by diffusers' training script: its ControlNet weights, optimizer, "

@@ -82,9 +82,7 @@ def train(args: argparse.Namespace, family: ModelFamily) -> RunResult:
     clock = tracking.StartupClock()
     output_dir = Path(args.output_dir)
     resume = checkpointing.resolve_resume(output_dir, args.resume_from_checkpoint)
-    if resume is None:
-        check_output_dir_is_free(output_dir)
-    checkpointing.check_foreign_checkpoints(output_dir, resume)
+    checkpointing.check_output_dir(output_dir, resume)
     validation.check_validation_images(args.validation_image)
     accelerator = make_accelerator(args, output_dir)
     deepspeed = accelerator.state.deepspeed_plugin
@@ -268,20 +266,9 @@ def check_precision(mixed_precision: str, device: torch.device) -> None:
         )
 
 
-def check_output_dir_is_free(output_dir: Path) -> None:
-    """Refuse to mix a new run with another run of this trainer (rotation would delete its checkpoints)."""
-    found = checkpointing.list_checkpoints(output_dir)
-    if found:
-        raise checkpointing.CheckpointError(
-            f"--output_dir {output_dir} already holds checkpoints of another run "
-            f"({', '.join(p.name for p in found)}). To continue that run add "
-            "--resume_from_checkpoint=latest; to start a new one choose another --output_dir."
-        )
-
-
 def agree_on_seed(accelerator: Accelerator, seed: int | None, resume: checkpointing.ResumePoint | None) -> int:
     """The run's seed: the resumed run's, else the flag, else one drawn and shared by all ranks."""
-    saved = None if resume is None else resume.saved_seed()
+    saved = None if resume is None or resume.saved is None else resume.saved.seed
     if saved is not None:
         if seed is not None and seed != saved:
             logger.warning("--seed=%d differs from the checkpoint's seed %d; using the checkpoint's", seed, saved)
