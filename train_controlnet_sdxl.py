@@ -13,4 +13,4 @@
 from controlnet_trainer.cli import main
 
 if __name__ == "__main__":
-    main(sdxl=True)
+    main("sdxl")

@@ -137,7 +137,7 @@ def main() -> None:
     with profile(activities=activities, schedule=plan, record_shapes=True) as profiler:
         hook = register_optimizer_step_post_hook(lambda *_: profiler.step())
         try:
-            cli.run(flags, sdxl=args.sdxl)
+            cli.run(flags, family="sdxl" if args.sdxl else "sd")
         finally:
             hook.remove()
     summary = summarize(profiler.key_averages(), on_device, args.active, args.top)

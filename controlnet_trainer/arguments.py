@@ -12,6 +12,8 @@ import os
 from collections.abc import Sequence
 
 from .errors import InputError
+from .families import ModelFamily
+from .settings import Settings
 
 LR_SCHEDULERS = (
     "linear",
@@ -21,15 +23,25 @@ LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
 )
-INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 class ArgumentError(InputError):
     """A flag or a combination of flags that cannot work; the message says how to fix it."""
 
 
+TRAINED_CONTROLNET_HELP = (
+    "ControlNet to start from: a diffusers folder or Hub id, or one .safetensors file in the "
+    "original (A1111 / ComfyUI) layout, configured from the base model's UNet. If absent, the "
+    "ControlNet is built from the UNet's weights."
+)
+
+
 def _model_group(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
+    add_model_flags(parser.add_argument_group("model"), controlnet_help=TRAINED_CONTROLNET_HELP)
+
+
+def add_model_flags(group, *, controlnet_help: str) -> None:
+    """The base model and ControlNet flags; the fidelity command shares them."""
     group.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
@@ -40,9 +52,7 @@ def _model_group(parser: argparse.ArgumentParser) -> None:
         "--controlnet_model_name_or_path",
         type=str,
         default=None,
-        help="ControlNet to start from: a diffusers folder or Hub id, or one .safetensors file in the "
-        "original (A1111 / ComfyUI) layout, configured from the base model's UNet. If absent, the "
-        "ControlNet is built from the UNet's weights.",
+        help=controlnet_help,
     )
     group.add_argument("--revision", type=str, default=None, help="Revision of the base model to load.")
     group.add_argument("--variant", type=str, default=None, help="Variant of the model files to load, e.g. fp16.")
@@ -256,6 +266,13 @@ def _speed_group(parser: argparse.ArgumentParser) -> None:
 
 def _data_group(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
+    add_dataset_flags(group)
+    group.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N samples only.")
+    _add_stream_flags(group)
+
+
+def add_dataset_flags(group) -> None:
+    """Where the rows are and which columns hold what; the fidelity command shares them."""
     group.add_argument(
         "--dataset_name",
         type=str,
@@ -276,7 +293,9 @@ def _data_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image_column", type=str, default="image")
     group.add_argument("--conditioning_image_column", type=str, default="conditioning_image")
     group.add_argument("--caption_column", type=str, default="text")
-    group.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N samples only.")
+
+
+def _add_stream_flags(group) -> None:
     group.add_argument(
         "--streaming",
         action="store_true",
@@ -368,36 +387,6 @@ def _hub_group(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub_model_id", type=str, default=None)
 
 
-def _sdxl_group(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("SDXL")
-    group.add_argument(
-        "--pretrained_vae_model_name_or_path",
-        type=str,
-        default=None,
-        help="A VAE to use instead of the base model's, e.g. madebyollin/sdxl-vae-fp16-fix.",
-    )
-    group.add_argument(
-        "--crops_coords_top_left_h",
-        type=int,
-        default=None,
-        help="Crop top coordinate for the SDXL time ids; default: the crop actually made.",
-    )
-    group.add_argument(
-        "--crops_coords_top_left_w",
-        type=int,
-        default=None,
-        help="Crop left coordinate for the SDXL time ids; default: the crop actually made.",
-    )
-    group.add_argument(
-        "--image_interpolation_mode",
-        type=str,
-        default="lanczos",
-        choices=INTERPOLATION_MODES,
-        help="torchvision interpolation used to resize images.",
-    )
-    group.add_argument("--enable_npu_flash_attention", action="store_true", help="Use NPU flash attention.")
-
-
 def _processes_group(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("several processes")
     group.add_argument(
@@ -410,24 +399,20 @@ def _processes_group(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
-    """The one parser; ``sdxl`` adds the SDXL group and diffusers' SDXL defaults."""
-    parser = argparse.ArgumentParser(
-        description="Train a ControlNet for Stable Diffusion XL."
-        if sdxl
-        else "Train a ControlNet for Stable Diffusion 1.x/2.x."
-    )
+def build_parser(family: ModelFamily) -> argparse.ArgumentParser:
+    """The one parser: the shared groups with the family's defaults, plus the family's own group."""
+    parser = argparse.ArgumentParser(description=family.description)
     _model_group(parser)
-    _output_group(parser, "sd_xl_train_controlnet" if sdxl else "train_controlnet")
-    _schedule_group(parser, 1024 if sdxl else 512)
+    _output_group(parser, family.defaults.tracker_project_name)
+    _schedule_group(parser, family.defaults.resolution)
     _checkpoint_group(parser)
     _speed_group(parser)
     _processes_group(parser)
     _data_group(parser)
     _validation_group(parser)
     _hub_group(parser)
-    if sdxl:
-        _sdxl_group(parser)
+    if family.add_flags is not None:
+        family.add_flags(parser)
     return parser
 
 
@@ -590,8 +575,15 @@ def _check_tracker(report_to: str) -> None:
         )
 
 
-def parse_args(argv: Sequence[str] | None = None, sdxl: bool = False) -> argparse.Namespace:
-    """Parse and check the flags of train_controlnet.py (or the SDXL script)."""
-    args = build_parser(sdxl).parse_args(argv)
+def parse_args(argv: Sequence[str] | None, family: ModelFamily) -> argparse.Namespace:
+    """Parse and check the flags of the family's training script."""
+    args = build_parser(family).parse_args(argv)
     check_args(args)
     return args
+
+
+def resolve(args: argparse.Namespace, family: ModelFamily) -> Settings:
+    """The checked flags as settings records; flags the script lacks take the family's defaults."""
+    return Settings.from_namespace(
+        args, defaults={"image_interpolation_mode": family.defaults.image_interpolation_mode}
+    )

@@ -10,7 +10,6 @@ with the same inputs reuses the old one.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -31,8 +30,8 @@ from huggingface_hub import constants as hub_constants
 from . import data
 from .buckets import Bucket
 from .errors import InputError
-from .family import ModelFamily, TextConditioning
-from .models import Models
+from .families import ModelFamily, Models, TextConditioning
+from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +40,11 @@ COMPLETE = "complete.json"
 _TEXT_BATCH = 32  # prompts are short: this batch's memory is small at any resolution
 
 
-def cache_root(args: argparse.Namespace) -> Path:
-    if args.embeddings_cache_dir:
-        return Path(args.embeddings_cache_dir)
+def cache_root(settings: Settings) -> Path:
+    if settings.memory.embeddings_cache_dir:
+        return Path(settings.memory.embeddings_cache_dir)
     # Beside the hub's and datasets' caches: $HF_HOME, ~/.cache/huggingface unless set.
-    base = Path(args.cache_dir) if args.cache_dir else Path(hub_constants.HF_HOME)
+    base = Path(settings.model.cache_dir) if settings.model.cache_dir else Path(hub_constants.HF_HOME)
     return base / "controlnet_trainer"
 
 
@@ -59,29 +58,29 @@ def _weights_signature(path: str) -> str | list:
 
 
 def cache_key(
-    args: argparse.Namespace,
+    settings: Settings,
     family: ModelFamily,
     models: Models,
     rows: datasets.Dataset,
     transform: data.PairedTransform,
 ) -> str:
     """A hash of everything the cached tensors depend on."""
-    vae = getattr(args, "pretrained_vae_model_name_or_path", None)
+    vae = settings.model.pretrained_vae_model_name_or_path
     inputs = {
         "version": CACHE_VERSION,
         "family": family.name,
-        "model": [args.pretrained_model_name_or_path, args.revision, args.variant],
-        "model_files": _weights_signature(args.pretrained_model_name_or_path),
+        "model": [settings.model.pretrained_model_name_or_path, settings.model.revision, settings.model.variant],
+        "model_files": _weights_signature(settings.model.pretrained_model_name_or_path),
         "vae": [vae, _weights_signature(vae)] if vae else None,
-        "tokenizer": args.tokenizer_name,
+        "tokenizer": settings.model.tokenizer_name,
         "resolution": transform.resolution,
         "interpolation": transform.interpolation.value,
         "rows": [rows._fingerprint, len(rows)],
-        "columns": dataclasses.astuple(data.columns_from_args(args)),
-        "latents": bool(args.cache_latents),
+        "columns": dataclasses.astuple(data.columns_of(settings.data)),
+        "latents": bool(settings.memory.cache_latents),
         # Rows are assigned to buckets from their sizes and the resolution, both keyed above.
-        "aspect_ratio_buckets": bool(getattr(args, "aspect_ratio_buckets", False)),
-        "text": bool(args.cache_text_embeddings),
+        "aspect_ratio_buckets": settings.data.aspect_ratio_buckets,
+        "text": bool(settings.memory.cache_text_embeddings),
         # The encoders run in the mixed-precision dtype: a bf16 run's cache is not an fp32 run's.
         "dtypes": [str(models.vae.dtype), *(str(encoder.dtype) for encoder in models.text_encoders)],
     }
@@ -167,7 +166,7 @@ def _encode_latents(
 def _encode_texts(models: Models, family: ModelFamily, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
     hidden, pooled = [], []
     for start in range(0, len(prompts), _TEXT_BATCH):
-        text = family.encode(models.tokenizers, models.text_encoders, prompts[start : start + _TEXT_BATCH])
+        text = family.encode_prompts(models, prompts[start : start + _TEXT_BATCH])
         hidden.append(_array(text.encoder_hidden_states))
         if text.pooled is not None:
             pooled.append(_array(text.pooled))
@@ -179,7 +178,7 @@ class CacheError(InputError):
 
 
 def cache_bytes(
-    args: argparse.Namespace,
+    settings: Settings,
     family: ModelFamily,
     models: Models,
     rows: datasets.Dataset,
@@ -188,7 +187,7 @@ def cache_bytes(
 ) -> tuple[int, int]:
     """(latent bytes, text bytes) the cache will take on disk, from the shapes the models give."""
     latent = 0
-    if args.cache_latents:
+    if settings.memory.cache_latents:
         factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
         channels = models.vae.config.latent_channels
         shapes = buckets or [(transform.resolution, transform.resolution)] * len(rows)
@@ -196,10 +195,10 @@ def cache_bytes(
         itemsize = models.vae.dtype.itemsize
         latent = sum(2 * channels * (height // factor) * (width // factor) * itemsize for height, width in shapes)
     text = 0
-    if args.cache_text_embeddings:
-        captions = {c for options in _captions(rows, data.columns_from_args(args).caption) for c in options}
+    if settings.memory.cache_text_embeddings:
+        captions = {c for options in _captions(rows, data.columns_of(settings.data).caption) for c in options}
         with torch.no_grad():
-            empty = family.encode(models.tokenizers, models.text_encoders, [""])
+            empty = family.encode_prompts(models, [""])
         per_caption = empty.encoder_hidden_states[0].numel() + (0 if empty.pooled is None else empty.pooled[0].numel())
         text = (len(captions - {""}) + 1) * per_caption * empty.encoder_hidden_states.element_size()
     return latent, text
@@ -268,11 +267,11 @@ def _latent_pieces(buckets: Sequence[Bucket] | None, num_rows: int, team_size: i
     return [rows[member::team_size] for rows in shapes for member in range(team_size)]
 
 
-def _write_latents(folder: Path, team: Team, args, models: Models, dataset, pieces: list[list[int]]) -> None:
+def _write_latents(folder: Path, team: Team, settings, models: Models, dataset, pieces: list[list[int]]) -> None:
     for piece, indices in enumerate(pieces):
         if piece % team.size == team.member and indices:
             subset = torch.utils.data.Subset(dataset, indices)
-            mean, std = _encode_latents(models, subset, args.train_batch_size, args.dataloader_num_workers)
+            mean, std = _encode_latents(models, subset, settings.data.train_batch_size, settings.data.dataloader_num_workers)
             _write(folder, f"latent_mean_{piece}", mean)
             _write(folder, f"latent_std_{piece}", std)
 
@@ -301,7 +300,7 @@ def build(
     accelerator: Accelerator,
     team: Team,
     directory: Path,
-    args: argparse.Namespace,
+    settings: Settings,
     family: ModelFamily,
     models: Models,
     rows: datasets.Dataset,
@@ -318,17 +317,17 @@ def build(
         _remove_abandoned_builds(directory)
         team.folder.mkdir(parents=True)
     accelerator.wait_for_everyone()  # the folder exists before the members write into it
-    columns = data.columns_from_args(args)
+    columns = data.columns_of(settings.data)
     pieces = _latent_pieces(buckets, len(rows), team.size)
-    if team.build and args.cache_latents:
+    if team.build and settings.memory.cache_latents:
         dataset = data.ControlNetDataset(rows, columns, transform, buckets=buckets)
-        _write_latents(team.folder, team, args, models, dataset, pieces)
+        _write_latents(team.folder, team, settings, models, dataset, pieces)
     accelerator.wait_for_everyone()
     if not (team.build and team.member == 0):
         return
-    if args.cache_latents:
+    if settings.memory.cache_latents:
         _write(team.folder, "latent_slots", _slots(pieces, len(rows)))
-    if args.cache_text_embeddings:
+    if settings.memory.cache_text_embeddings:
         _write_texts(team.folder, family, models, _captions(rows, columns.caption))
     files = sorted(path.name for path in team.folder.iterdir())
     (team.folder / COMPLETE).write_text(json.dumps({"rows": len(rows), "version": CACHE_VERSION, "files": files}))
@@ -411,7 +410,7 @@ def load(directory: Path) -> EmbeddingCache:
 
 def prepare_cache(
     accelerator: Accelerator,
-    args: argparse.Namespace,
+    settings: Settings,
     family: ModelFamily,
     models: Models,
     rows: datasets.Dataset,
@@ -424,14 +423,14 @@ def prepare_cache(
 
     ``buckets`` are the rows' aspect-ratio buckets, if any: latents are then stored per bucket.
     """
-    if not (args.cache_latents or args.cache_text_embeddings):
+    if not (settings.memory.cache_latents or settings.memory.cache_text_embeddings):
         return None
-    directory = cache_root(args) / cache_key(args, family, models, rows, transform)
+    directory = cache_root(settings) / cache_key(settings, family, models, rows, transform)
     # Each machine's processes share the work of its copy: on a disk of its own (the default
     # ~/.cache), every machine needs one; on a shared disk, the first copy finished is kept.
-    team = machine_team(accelerator, directory, lambda: cache_bytes(args, family, models, rows, transform, buckets))
+    team = machine_team(accelerator, directory, lambda: cache_bytes(settings, family, models, rows, transform, buckets))
     if not team.build and team.member == 0:
         logger.info("Reusing the embeddings cached in %s", directory)
-    build(accelerator, team, directory, args, family, models, rows, transform, buckets)
+    build(accelerator, team, directory, settings, family, models, rows, transform, buckets)
     accelerator.wait_for_everyone()  # every machine's copy is in place
     return load(directory)

@@ -8,7 +8,6 @@ exactly.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import logging
@@ -21,9 +20,9 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from . import datasources
 from .buckets import Bucket, BucketGeometry, bucket_geometry, make_buckets, nearest_bucket
 from .errors import InputError
+from .settings import DataSettings
 
 logger = logging.getLogger(__name__)
 
@@ -37,45 +36,6 @@ class Columns:
     image: str
     conditioning_image: str
     caption: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    """Where the training rows are: what load_dataset is given, and the flag that named it."""
-
-    path: str
-    flag: str
-    data_dir: str | None = None  # --train_data_dir beside --dataset_name: load_dataset's data_dir
-
-    def describe(self) -> str:
-        return self.path if self.data_dir is None else f"{self.path} (data_dir {self.data_dir})"
-
-
-def source_from_args(args: argparse.Namespace) -> Source:
-    """diffusers' reading of the two flags: --dataset_name, with --train_data_dir as its data_dir
-    when both are given; --train_data_dir alone is the dataset itself."""
-    if args.dataset_name is not None:
-        return Source(args.dataset_name, "--dataset_name", args.train_data_dir)
-    return Source(args.train_data_dir, "--train_data_dir")
-
-
-def load_train_dataset(args: argparse.Namespace) -> datasets.Dataset:
-    """The ``train`` split named by --dataset_name and/or --train_data_dir, columns checked."""
-    source = source_from_args(args)
-    train = datasources.load_rows(
-        source.path,
-        config_name=args.dataset_config_name,
-        cache_dir=args.cache_dir,
-        columns=columns_from_args(args),
-        flag=source.flag,
-        skip_missing=getattr(args, "skip_bad_images", False),  # the fidelity command has no such flag
-        data_dir=source.data_dir,
-    )
-    check_columns(train, columns_from_args(args))
-    if len(train) == 0:
-        raise DataError(f"Dataset {source.describe()!r} has no rows in its train split; add training data.")
-    check_captions(train, args.caption_column)
-    return train
 
 
 def check_captions(rows: datasets.Dataset, column: str) -> None:
@@ -103,8 +63,8 @@ def is_caption(cell: object) -> bool:
     return isinstance(cell, list) and bool(cell) and all(isinstance(item, str) for item in cell)
 
 
-def columns_from_args(args: argparse.Namespace) -> Columns:
-    return Columns(args.image_column, args.conditioning_image_column, args.caption_column)
+def columns_of(settings: DataSettings) -> Columns:
+    return Columns(settings.image_column, settings.conditioning_image_column, settings.caption_column)
 
 
 def check_columns(dataset: datasets.Dataset | datasets.IterableDataset, columns: Columns) -> None:
@@ -280,12 +240,12 @@ def make_sample(
 
 
 def assign_buckets(
-    rows: datasets.Dataset, args: argparse.Namespace, indices: Sequence[int] | None = None
+    rows: datasets.Dataset, settings: DataSettings, indices: Sequence[int] | None = None
 ) -> list[Bucket]:
     """The aspect-ratio bucket (--aspect_ratio_buckets) of each row of ``indices`` (all by
     default), from its image's size."""
-    choices = make_buckets(args.resolution)
-    sizes = image_sizes(rows, args.image_column, num_workers=args.dataloader_num_workers, indices=indices)
+    choices = make_buckets(settings.resolution)
+    sizes = image_sizes(rows, settings.image_column, num_workers=settings.dataloader_num_workers, indices=indices)
     return [nearest_bucket(height, width, choices) for height, width in sizes]
 
 

@@ -15,12 +15,13 @@
    ``<key>.text.txt``.
 
 ``load_stream`` reads the same sources as a stream (--streaming). Only the train split is
-returned; data.py checks its columns.
+returned, its columns checked (``load_train_dataset``).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ import datasets
 import pyarrow as pa
 
 from . import data
+from .settings import DataSettings
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,46 @@ CONDITIONING_ALIASES = ("conditioning_image_file_name", "conditioning_file_name"
 # the shard order every epoch mixes it beyond the reach of the shuffle buffer.
 STREAM_SHARDS = 64
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where the training rows are: what load_dataset is given, and the flag that named it."""
+
+    path: str
+    flag: str
+    data_dir: str | None = None  # --train_data_dir beside --dataset_name: load_dataset's data_dir
+
+    def describe(self) -> str:
+        return self.path if self.data_dir is None else f"{self.path} (data_dir {self.data_dir})"
+
+
+def source_of(settings: DataSettings) -> Source:
+    """diffusers' reading of the two flags: --dataset_name, with --train_data_dir as its data_dir
+    when both are given; --train_data_dir alone is the dataset itself."""
+    if settings.dataset_name is not None:
+        return Source(settings.dataset_name, "--dataset_name", settings.train_data_dir)
+    return Source(settings.train_data_dir, "--train_data_dir")
+
+
+def load_train_dataset(settings: DataSettings) -> datasets.Dataset:
+    """The ``train`` split named by --dataset_name and/or --train_data_dir, columns checked."""
+    source = source_of(settings)
+    columns = data.columns_of(settings)
+    train = load_rows(
+        source.path,
+        config_name=settings.dataset_config_name,
+        cache_dir=settings.cache_dir,
+        columns=columns,
+        flag=source.flag,
+        skip_missing=settings.skip_bad_images,
+        data_dir=source.data_dir,
+    )
+    data.check_columns(train, columns)
+    if len(train) == 0:
+        raise data.DataError(f"Dataset {source.describe()!r} has no rows in its train split; add training data.")
+    data.check_captions(train, settings.caption_column)
+    return train
 
 def load_rows(
     source: str,

@@ -1,4 +1,4 @@
-"""The one error type for bad input: the message names the problem and the fix."""
+"""The error types the entry scripts print as one paragraph: the message names the problem and the fix."""
 
 
 class InputError(ValueError):
@@ -6,3 +6,7 @@ class InputError(ValueError):
 
     The entry scripts print it as one paragraph without a traceback and exit with status 2.
     """
+
+
+class TrainingError(InputError):
+    """Training cannot go on; the message says why and what was kept."""

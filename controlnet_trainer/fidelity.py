@@ -41,16 +41,16 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler
 from torchvision.transforms import v2
 
-from . import data, integrity, sharding
-from .arguments import INTERPOLATION_MODES
+from . import data, datasources, families, integrity, sharding
+from .arguments import add_dataset_flags, add_model_flags
 from .errors import InputError
-from .family import SD, SDXL, ModelFamily, crop_override_from_args, unet_added_conditioning
-from .loss import diffusion_loss
-from .models import Models, check_family, freeze_and_place, load_models, mixed_precision_autocast
+from .families import ModelFamily, Models, TextConditioning
+from .families.sdxl import INTERPOLATION_MODES
+from .models import check_base_model, load_models, mixed_precision_autocast
 from .plan import DTYPES
+from .settings import DataSettings, EvaluationSettings, Settings
 
 # Fewer than two held-out samples leaves no *other* conditioning image to mismatch with.
 MIN_SAMPLES = 2
@@ -143,8 +143,8 @@ def _encode(
     # The posterior mean, not a sample: the probe must not change between evaluations.
     latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
     prompts = [captions[0] for captions in batch["captions"]]
-    text = family.encode(models.tokenizers, models.text_encoders, prompts)
-    added = unet_added_conditioning(family, text, batch, resolution=resolution, crop_override=crop_override)
+    text = family.encode_prompts(models, prompts)
+    added = family.added_conditioning(text, batch, resolution=resolution, crop_override=crop_override)
     return (
         latents.float().cpu(),
         text.encoder_hidden_states.float().cpu(),
@@ -186,8 +186,8 @@ class FidelityProbe:
     do not occupy accelerator memory for the whole run; each batch is moved when evaluated.
     """
 
-    unet: torch.nn.Module = dataclasses.field(repr=False)
-    noise_scheduler: DDPMScheduler = dataclasses.field(repr=False)
+    models: Models = dataclasses.field(repr=False)  # the frozen models the ControlNet is scored with
+    family: ModelFamily = dataclasses.field(repr=False)
     weight_dtype: torch.dtype
     latents: torch.Tensor = dataclasses.field(repr=False)
     encoder_hidden_states: torch.Tensor = dataclasses.field(repr=False)
@@ -238,8 +238,8 @@ class FidelityProbe:
         timesteps = fixed_timesteps(count, timesteps_per_sample, num_train_timesteps, generator)
         noise = torch.randn((count * timesteps_per_sample, *latents.shape[1:]), generator=generator)
         return cls(
-            unet=models.unet,
-            noise_scheduler=models.noise_scheduler,
+            models=models,
+            family=family,
             weight_dtype=weight_dtype,
             latents=latents,
             encoder_hidden_states=hidden,
@@ -281,7 +281,7 @@ class FidelityProbe:
     @torch.no_grad()
     def _loss_sums(self, controlnet: torch.nn.Module, items: torch.Tensor, batch_size: int) -> list[float]:
         """Per-condition sums of the per-item losses over ``items``."""
-        device = self.unet.device
+        device = self.models.denoiser.device
         sums = [0.0] * len(CONDITIONS)
         with mixed_precision_autocast(device, self.weight_dtype):
             for chunk in items.split(batch_size):
@@ -297,108 +297,101 @@ class FidelityProbe:
         images = (matched, self.conditioning[self.mismatched_index[samples]], torch.zeros_like(matched), None)
         added = {name: value[samples].to(device, dtype) for name, value in self.added_conditioning.items()}
         common = {
-            "unet": self.unet,
-            "controlnet": controlnet,
-            "noise_scheduler": self.noise_scheduler,
             "latents": self.latents[samples].to(device, dtype),
             "noise": self.noise[items].to(device, dtype),
             "timesteps": self.timesteps[items].to(device),
-            "encoder_hidden_states": self.encoder_hidden_states[samples].to(device, dtype),
+            "text": TextConditioning(self.encoder_hidden_states[samples].to(device, dtype)),
             "added_cond_kwargs": added or None,
             "weight_dtype": dtype,
             "reduce": False,
         }
         return [
-            diffusion_loss(**common, controlnet_image=None if image is None else image.to(device, dtype))
+            self.family.loss(
+                self.models, controlnet, **common, controlnet_image=None if image is None else image.to(device, dtype)
+            )
             for image in images
         ]
 
 
 def heldout_rows(
-    args: argparse.Namespace, rows: datasets.Dataset, seed: int
+    settings: DataSettings, evaluation: EvaluationSettings, rows: datasets.Dataset, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """(training rows, held-out rows or None) as --fidelity_samples / --fidelity_dataset say."""
-    if not args.fidelity_samples:
+    if not evaluation.fidelity_samples:
         return rows, None
-    if args.fidelity_dataset is not None:
-        return rows, heldout_from_dataset(args)
+    if evaluation.fidelity_dataset is not None:
+        return rows, heldout_from_dataset(settings, evaluation)
     try:
-        return split_heldout(rows, args.fidelity_samples, seed)
+        return split_heldout(rows, evaluation.fidelity_samples, seed)
     except InputError as error:
-        if not args.skip_bad_images:
+        if not settings.skip_bad_images:
             raise
         raise InputError(
             f"{error} (Counted after --skip_bad_images left out the rows with unreadable images.)"
         ) from error
 
 
-def heldout_from_dataset(args: argparse.Namespace) -> datasets.Dataset:
+def heldout_from_dataset(settings: DataSettings, evaluation: EvaluationSettings) -> datasets.Dataset:
     """The first --fidelity_samples rows of --fidelity_dataset, their images checked."""
-    source = argparse.Namespace(**(vars(args) | {"dataset_name": args.fidelity_dataset, "train_data_dir": None}))
-    held_out = data.load_train_dataset(source)
-    held_out = held_out.select(range(min(args.fidelity_samples, len(held_out))))
+    source = dataclasses.replace(settings, dataset_name=evaluation.fidelity_dataset, train_data_dir=None)
+    held_out = datasources.load_train_dataset(source)
+    held_out = held_out.select(range(min(evaluation.fidelity_samples, len(held_out))))
     if len(held_out) < MIN_SAMPLES:
         raise InputError(
-            f"--fidelity_dataset {args.fidelity_dataset!r} has {len(held_out)} row(s); the fidelity probe "
+            f"--fidelity_dataset {evaluation.fidelity_dataset!r} has {len(held_out)} row(s); the fidelity probe "
             f"needs at least {MIN_SAMPLES} (each sample is scored against another's conditioning image). "
             "Add rows, or drop --fidelity_dataset to hold out training rows instead."
         )
     # The training rows' images are checked before training; these are too, not when the probe is built.
-    report = integrity.scan_images(held_out, data.columns_from_args(args), resolution=args.resolution, num_workers=0)
+    report = integrity.scan_images(held_out, data.columns_of(settings), resolution=settings.resolution, num_workers=0)
     if report.problems:
         first = report.problems[0]
         raise InputError(
-            f"--fidelity_dataset {args.fidelity_dataset!r}: row {first.row} has an unreadable image in "
+            f"--fidelity_dataset {evaluation.fidelity_dataset!r}: row {first.row} has an unreadable image in "
             f"`{first.column}`, file {first.source!r} ({first.error}). Fix or remove it."
         )
     return held_out
 
 
 def probe_for_training(
-    args: argparse.Namespace,
     rows: datasets.Dataset,
     models: Models,
     family: ModelFamily,
+    settings: DataSettings,
     *,
     transform: data.PairedTransform,
+    timesteps_per_sample: int,
     weight_dtype: torch.dtype,
     seed: int,
 ) -> FidelityProbe:
     """The probe the trainer evaluates; built identically on every process."""
-    samples = load_samples(rows, data.columns_from_args(args), transform)
+    samples = load_samples(rows, data.columns_of(settings), transform)
     return FidelityProbe.build(
         models,
         family,
         samples,
-        resolution=args.resolution,
-        timesteps_per_sample=args.fidelity_timesteps,
+        resolution=settings.resolution,
+        timesteps_per_sample=timesteps_per_sample,
         seed=seed,
-        crop_override=crop_override_from_args(args),
+        crop_override=settings.crop_override,
         weight_dtype=weight_dtype,
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: the training scripts' model and dataset flags, and the probe's own."""
     parser = argparse.ArgumentParser(
         description="Score a ControlNet's use of its conditioning image on a dataset: denoising "
         "loss with matched, mismatched and blank conditioning images and without the ControlNet.",
     )
     models = parser.add_argument_group("models")
-    models.add_argument(
-        "--pretrained_model_name_or_path", type=str, required=True, help="The base pipeline (diffusers format)."
+    add_model_flags(
+        models,
+        controlnet_help="The ControlNet to score: a diffusers folder or Hub id, or one .safetensors file in the "
+        "original (A1111 / ComfyUI) layout. Without it, a fresh ControlNet made from the UNet is scored: the "
+        "baseline, whose four losses are equal.",
     )
-    models.add_argument(
-        "--controlnet_model_name_or_path",
-        type=str,
-        default=None,
-        help="The ControlNet to score (diffusers format). Without it, a fresh ControlNet made from "
-        "the UNet is scored: the baseline, whose four losses are equal.",
-    )
-    models.add_argument("--revision", type=str, default=None)
-    models.add_argument("--variant", type=str, default=None)
-    models.add_argument("--tokenizer_name", type=str, default=None)
     models.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None)
-    models.add_argument("--cache_dir", type=str, default=None)
     models.add_argument("--sdxl", action="store_true", help="The base model is SDXL.")
     models.add_argument(
         "--mixed_precision",
@@ -408,12 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the frozen base models; the ControlNet runs in fp32 under autocast.",
     )
     dataset = parser.add_argument_group("data")
-    dataset.add_argument("--dataset_name", type=str, default=None)
-    dataset.add_argument("--dataset_config_name", type=str, default=None)
-    dataset.add_argument("--train_data_dir", type=str, default=None)
-    dataset.add_argument("--image_column", type=str, default="image")
-    dataset.add_argument("--conditioning_image_column", type=str, default="conditioning_image")
-    dataset.add_argument("--caption_column", type=str, default="text")
+    add_dataset_flags(dataset)
     dataset.add_argument("--resolution", type=int, default=None, help="Default: 512, or 1024 with --sdxl.")
     dataset.add_argument(
         "--image_interpolation_mode",
@@ -447,11 +435,20 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError(f"`--{name}` must be at least 1, got {getattr(args, name)}.")
 
 
-def transform_from_args(args: argparse.Namespace) -> data.PairedTransform:
-    """The training scripts' defaults: 512 px and bilinear, or 1024 px and lanczos for SDXL."""
-    resolution = args.resolution or (1024 if args.sdxl else 512)
-    mode = args.image_interpolation_mode or ("lanczos" if args.sdxl else "bilinear")
-    return data.PairedTransform(resolution, v2.InterpolationMode[mode.upper()])
+def resolve(args: argparse.Namespace) -> tuple[ModelFamily, Settings]:
+    """The family and the settings of the command line, with the training scripts' defaults for
+    the family: 512 px and bilinear, or 1024 px and lanczos for SDXL."""
+    family = families.by_name("sdxl" if args.sdxl else "sd")
+    defaults = family.defaults
+    values = vars(args) | {
+        "resolution": args.resolution or defaults.resolution,
+        "image_interpolation_mode": args.image_interpolation_mode or defaults.image_interpolation_mode,
+    }
+    return family, Settings.from_namespace(argparse.Namespace(**values))
+
+
+def _sdxl_flag_fix(owner: ModelFamily) -> str:
+    return "Add --sdxl." if owner.name == "sdxl" else "Drop --sdxl."
 
 
 def evaluate_saved(args: argparse.Namespace, accelerator: Accelerator) -> FidelityResult:
@@ -459,31 +456,31 @@ def evaluate_saved(args: argparse.Namespace, accelerator: Accelerator) -> Fideli
 
     The first rows, not a random draw, so that anyone can name exactly what was scored.
     """
-    family = SDXL if args.sdxl else SD
-    check_family(args, family, fidelity_command=True)
-    transform = transform_from_args(args)
+    family, settings = resolve(args)
+    check_base_model(settings.model, family, fix=_sdxl_flag_fix)
+    mode = v2.InterpolationMode[settings.data.image_interpolation_mode.upper()]
+    transform = data.PairedTransform(settings.data.resolution, mode)
     with accelerator.main_process_first():
-        rows = data.load_train_dataset(args)
+        rows = datasources.load_train_dataset(settings.data)
     rows = rows.select(range(min(args.num_samples, len(rows))))
     device = accelerator.device
     weight_dtype = DTYPES[args.mixed_precision]
-    models = load_models(args, family)
-    freeze_and_place(
+    models = load_models(settings.model, family)
+    family.place_models(
         models,
-        family,
         device=device,
         weight_dtype=weight_dtype,
-        custom_vae=bool(args.pretrained_vae_model_name_or_path),
+        custom_vae=bool(settings.model.pretrained_vae_model_name_or_path),
     )
     models.controlnet.to(device)
     probe = FidelityProbe.build(
         models,
         family,
-        load_samples(rows, data.columns_from_args(args), transform),
+        load_samples(rows, data.columns_of(settings.data), transform),
         resolution=transform.resolution,
         timesteps_per_sample=args.timesteps_per_sample,
         seed=args.seed,
-        crop_override=crop_override_from_args(args),
+        crop_override=settings.data.crop_override,
         weight_dtype=weight_dtype,
         batch_size=args.batch_size,
     )

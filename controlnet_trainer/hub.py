@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
 from .errors import InputError
+from .families import ModelFamily
 from .plan import TrainPlan
+from .settings import OutputSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -25,48 +26,48 @@ def save_final_model(controlnet, output_dir: Path) -> None:
 
 
 def model_description(
-    args: argparse.Namespace, plan: TrainPlan, family: str, images: list[str], *, curves: bool = True
+    settings: Settings, plan: TrainPlan, family: ModelFamily, images: list[str], *, curves: bool = True
 ) -> str:
-    dataset = args.dataset_name or args.train_data_dir
-    pipeline = "StableDiffusionXLControlNetPipeline" if family == "sdxl" else "StableDiffusionControlNetPipeline"
+    dataset = settings.data.dataset_name or settings.data.train_data_dir
+    pipeline = family.pipeline_class
+    base = settings.model.pretrained_model_name_or_path
     lines = [
-        f"# ControlNet for {args.pretrained_model_name_or_path}",
+        f"# ControlNet for {base}",
         "",
         f"ControlNet weights trained on `{dataset}` with `{plan.max_train_steps}` optimizer steps "
         f"(batch {plan.total_batch_size}, learning rate {plan.learning_rate:g}, resolution "
-        f"{args.resolution}, mixed precision {plan.mixed_precision}"
-        + (f", Min-SNR gamma {args.snr_gamma:g}" if args.snr_gamma else "")
+        f"{settings.data.resolution}, mixed precision {plan.mixed_precision}"
+        + (f", Min-SNR gamma {settings.objective.snr_gamma:g}" if settings.objective.snr_gamma else "")
         + ").",
         "",
         "```python",
         f"from diffusers import ControlNetModel, {pipeline}",
         'controlnet = ControlNetModel.from_pretrained("<this repo or folder>")',
-        f'pipe = {pipeline}.from_pretrained("{args.pretrained_model_name_or_path}", controlnet=controlnet)',
+        f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)',
         "```",
     ]
     if curves:
         lines += ["", "## Training curves", "", f"![training curves]({CURVES_FILE})"]
-    if args.validation_prompt:
-        lines += ["", "## Validation", "", "Prompts: " + "; ".join(args.validation_prompt)]
+    if settings.evaluation.validation_prompt:
+        lines += ["", "## Validation", "", "Prompts: " + "; ".join(settings.evaluation.validation_prompt)]
         lines += [f"![validation]({image})" for image in images]
     return "\n".join(lines) + "\n"
 
 
-def write_model_card(output_dir: Path, args: argparse.Namespace, plan: TrainPlan, family: str) -> Path:
+def write_model_card(output_dir: Path, settings: Settings, plan: TrainPlan, family: ModelFamily) -> Path:
     """README.md with hub metadata; built locally, since the hub may be out of reach."""
     images = sorted(p.relative_to(output_dir).as_posix() for p in (output_dir / "validation").glob("*.png"))
-    tags = ["controlnet", "diffusers", "diffusers-training"]
-    tags += ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"] if family == "sdxl" else ["stable-diffusion"]
+    tags = ["controlnet", "diffusers", "diffusers-training", *family.card.tags]
     metadata = ModelCardData(
-        license="openrail++" if family == "sdxl" else "creativeml-openrail-m",
-        base_model=args.pretrained_model_name_or_path,
+        license=family.card.license,
+        base_model=settings.model.pretrained_model_name_or_path,
         library_name="diffusers",
         tags=tags,
         inference=True,
     )
     card = ModelCard(
         f"---\n{metadata.to_yaml()}\n---\n\n"
-        + model_description(args, plan, family, images[-1:], curves=(output_dir / CURVES_FILE).exists())
+        + model_description(settings, plan, family, images[-1:], curves=(output_dir / CURVES_FILE).exists())
     )
     path = output_dir / "README.md"
     card.save(path)
@@ -77,14 +78,15 @@ class HubError(InputError):
     """The Hub could not be reached or refused the upload; the message says what was kept."""
 
 
-def create_hub_repo(output_dir: Path, args: argparse.Namespace) -> str:
+def create_hub_repo(output: OutputSettings) -> str:
     """Create (or find) the upload's repo; called before training, as diffusers does, so that a
     missing login or network fails before the run rather than after it."""
     from huggingface_hub import create_repo
 
-    name = args.hub_model_id or output_dir.name
+    output_dir = output.output_dir
+    name = output.hub_model_id or output_dir.name
     try:
-        return create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+        return create_repo(repo_id=name, exist_ok=True, token=output.hub_token).repo_id
     # Offline mode, the network, a login or a name the Hub refuses: all end the same way.
     except Exception as error:
         raise HubError(
@@ -95,7 +97,7 @@ def create_hub_repo(output_dir: Path, args: argparse.Namespace) -> str:
         ) from error
 
 
-def push_to_hub(output_dir: Path, repo_id: str, args: argparse.Namespace) -> None:
+def push_to_hub(output_dir: Path, repo_id: str, output: OutputSettings) -> None:
     """Upload everything but resumable checkpoints, which are already saved locally."""
     from huggingface_hub import upload_folder
 
@@ -105,7 +107,7 @@ def push_to_hub(output_dir: Path, repo_id: str, args: argparse.Namespace) -> Non
             folder_path=output_dir,
             commit_message="End of training",
             ignore_patterns=UPLOAD_IGNORE,
-            token=args.hub_token,
+            token=output.hub_token,
         )
     except Exception as error:
         raise HubError(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 
 import torch
+
+from .settings import OptimizerSettings
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,7 +37,8 @@ class TrainPlan:
 
 
 def make_plan(
-    args: argparse.Namespace,
+    train_batch_size: int,
+    optimizer: OptimizerSettings,
     *,
     num_samples: int | None,
     num_processes: int,
@@ -51,14 +53,14 @@ def make_plan(
     number of micro-batches per epoch over all processes when it is not the plain division
     (aspect-ratio buckets, whose last batches may be short).
     """
-    total_batch_size = args.train_batch_size * num_processes * args.gradient_accumulation_steps
-    learning_rate = args.learning_rate * (total_batch_size if args.scale_lr else 1)
+    total_batch_size = train_batch_size * num_processes * optimizer.gradient_accumulation_steps
+    learning_rate = optimizer.learning_rate * (total_batch_size if optimizer.scale_lr else 1)
     batches_per_epoch = steps_per_epoch = num_train_epochs = None
-    max_train_steps = args.max_train_steps
+    max_train_steps = optimizer.max_train_steps
     if num_samples is not None:
-        batches_per_epoch = math.ceil((num_batches or num_samples / args.train_batch_size) / num_processes)
-        steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-        max_train_steps = max_train_steps or args.num_train_epochs * steps_per_epoch
+        batches_per_epoch = math.ceil((num_batches or num_samples / train_batch_size) / num_processes)
+        steps_per_epoch = math.ceil(batches_per_epoch / optimizer.gradient_accumulation_steps)
+        max_train_steps = max_train_steps or optimizer.num_train_epochs * steps_per_epoch
         num_train_epochs = math.ceil(max_train_steps / steps_per_epoch)
     return TrainPlan(
         num_samples=num_samples,

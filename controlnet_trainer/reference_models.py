@@ -18,7 +18,8 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DCondi
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from . import fixtures, loss
+from . import fixtures
+from .families import Models, TextConditioning, sd
 
 SD15_UNET = {
     "block_out_channels": [320, 640, 1280, 1280],
@@ -215,14 +216,14 @@ def meta_training_step(
     width = sum(encoder.config.hidden_size for encoder in text)
 
     def step():
-        loss.diffusion_loss(
-            unet=unet,
-            controlnet=controlnet,
-            noise_scheduler=DDPMScheduler(**SCHEDULER),
+        models = Models((), text, parts["vae"], unet, controlnet, DDPMScheduler(**SCHEDULER))
+        sd.FAMILY.loss(
+            models,
+            controlnet,
             latents=latents,
             noise=torch.empty_like(latents),
             timesteps=torch.zeros(batch, dtype=torch.long, **meta),
-            encoder_hidden_states=torch.empty(batch, fixtures.MODEL_MAX_LENGTH, width, **meta),
+            text=TextConditioning(torch.empty(batch, fixtures.MODEL_MAX_LENGTH, width, **meta)),
             controlnet_image=torch.empty(batch, 3, resolution, resolution, **meta),
             added_cond_kwargs=added,
         ).backward()

@@ -25,7 +25,6 @@ number of steps; the rows left out differ every epoch.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 from collections.abc import Iterable, Iterator
@@ -36,18 +35,19 @@ import torch
 
 from . import data, datasources, ranks
 from .errors import InputError
+from .settings import DataSettings
 
 logger = logging.getLogger(__name__)
 
 
-def load_stream(args: argparse.Namespace) -> datasets.IterableDataset:
+def load_stream(settings: DataSettings) -> datasets.IterableDataset:
     """The train split of --dataset_name and/or --train_data_dir as a stream, columns checked."""
-    source = data.source_from_args(args)
-    columns = data.columns_from_args(args)
+    source = datasources.source_of(settings)
+    columns = data.columns_of(settings)
     stream = datasources.load_stream(
         source.path,
-        config_name=args.dataset_config_name,
-        cache_dir=args.cache_dir,
+        config_name=settings.dataset_config_name,
+        cache_dir=settings.cache_dir,
         columns=columns,
         flag=source.flag,
         data_dir=source.data_dir,

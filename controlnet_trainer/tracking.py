@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -15,29 +14,20 @@ from .plan import TrainPlan
 
 OPTIONS_FILE = "training_options.json"
 METRICS_FILE = "metrics.jsonl"
-_SECRET_FLAGS = ("hub_token",)
 
 
-def public_args(args: argparse.Namespace) -> dict:
-    """The arguments with secrets masked, safe to log, save and send to trackers."""
-    values = dict(vars(args))
-    for name in _SECRET_FLAGS:
-        if values.get(name) is not None:
-            values[name] = "***"
-    return values
-
-
-def write_options(output_dir: Path, args: argparse.Namespace, plan: TrainPlan, family: str) -> Path:
+def write_options(output_dir: Path, arguments: dict, plan: TrainPlan, family: str) -> Path:
+    """The flags as given (secrets masked), the family and the plan, beside the run's outputs."""
     path = output_dir / OPTIONS_FILE
-    document = {"family": family, "arguments": public_args(args), "plan": plan.to_json()}
+    document = {"family": family, "arguments": arguments, "plan": plan.to_json()}
     path.write_text(json.dumps(document, indent=2, default=str))
     return path
 
 
-def tracker_config(args: argparse.Namespace, plan: TrainPlan) -> dict:
+def tracker_config(arguments: dict, plan: TrainPlan) -> dict:
     """Trackers take scalars only (TensorBoard's hparams rejects lists and None)."""
     flat = {}
-    for key, value in public_args(args).items():
+    for key, value in arguments.items():
         if isinstance(value, (list, tuple)):
             value = ", ".join(map(str, value))
         flat[key] = "" if value is None else value

@@ -11,13 +11,13 @@ import diffusers
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import UniPCMultistepScheduler
 from PIL import Image
 
 from .data import to_rgb
 from .errors import InputError
-from .family import ModelFamily
-from .models import Models, mixed_precision_autocast
+from .families import ModelFamily, Models
+from .models import mixed_precision_autocast
+from .settings import EvaluationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +48,8 @@ def check_validation_images(paths: Sequence[str] | None) -> None:
 
 def build_pipeline(family: ModelFamily, models: Models, controlnet, device: torch.device):
     """The family's ControlNet pipeline around the models already in memory (no reload)."""
-    components = {"vae": models.vae, "unet": models.unet, "controlnet": controlnet}
-    for (tok_name, enc_name), tokenizer, encoder in zip(
-        family.text_components, models.tokenizers, models.text_encoders, strict=True
-    ):
-        components[tok_name] = tokenizer
-        components[enc_name] = encoder
-    components["scheduler"] = UniPCMultistepScheduler.from_config(models.noise_scheduler.config)
     pipeline_class = getattr(diffusers, family.pipeline_class)
-    pipeline = pipeline_class(**components, **dict(family.pipeline_extras))
+    pipeline = pipeline_class(**family.pipeline_components(models, controlnet))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
@@ -150,7 +143,9 @@ def run_validation(
     family: ModelFamily,
     models: Models,
     controlnet: torch.nn.Module,
-    args,
+    evaluation: EvaluationSettings,
+    resolution: int,
+    output_dir: Path,
     weight_dtype: torch.dtype,
     step: int,
     seed: int,
@@ -163,13 +158,13 @@ def run_validation(
     pipeline = build_pipeline(family, models, controlnet, accelerator.device)
     results = generate(
         pipeline,
-        validation_pairs(args.validation_prompt, args.validation_image),
-        num_images=args.num_validation_images,
-        resolution=args.resolution,
+        validation_pairs(evaluation.validation_prompt, evaluation.validation_image),
+        num_images=evaluation.num_validation_images,
+        resolution=resolution,
         seed=seed,
         weight_dtype=weight_dtype,
     )
     controlnet.train(was_training)
-    path = save_grid(results, Path(args.output_dir) / VALIDATION_DIR / f"step-{step:06d}.png")
+    path = save_grid(results, output_dir / VALIDATION_DIR / f"step-{step:06d}.png")
     log_to_trackers(accelerator, results, step)
     return path

@@ -133,3 +133,25 @@ def straight_and_resumed(assets: dict[str, Path], root: Path, stop_at: int, **fl
     run(train_argv(assets, root / "resumed", stop_at_step=stop_at, **flags))
     run(train_argv(assets, root / "resumed", resume_from_checkpoint="latest", **flags))
     return tuple(load_file(root / name / "diffusion_pytorch_model.safetensors") for name in ("straight", "resumed"))
+
+
+def family_named(sdxl: bool = False):
+    """The SD or SDXL family record."""
+    from controlnet_trainer import families
+
+    return families.by_name("sdxl" if sdxl else "sd")
+
+
+def parsed(argv: list[str], sdxl: bool = False):
+    """The flags of a training command line, parsed and checked as the scripts do."""
+    from controlnet_trainer.arguments import parse_args
+
+    return parse_args(argv, family_named(sdxl))
+
+
+def settings_of(argv: list[str], sdxl: bool = False):
+    """A training command line resolved into its settings records."""
+    from controlnet_trainer.arguments import resolve
+
+    family = family_named(sdxl)
+    return resolve(parsed(argv, sdxl), family)

@@ -7,10 +7,12 @@ import shlex
 
 import pytest
 from accelerate.tracking import get_available_trackers
+from conftest import family_named, parsed, settings_of
 
-from controlnet_trainer.arguments import ArgumentError, build_parser, check_args, parse_args
-from controlnet_trainer.data import source_from_args
+from controlnet_trainer.arguments import ArgumentError, build_parser, check_args, parse_args, resolve
+from controlnet_trainer.datasources import source_of
 from controlnet_trainer.plan import make_plan
+from controlnet_trainer.settings import OptimizerSettings
 
 # diffusers examples/controlnet/train_controlnet.py: flag -> default.
 DIFFUSERS_SD_DEFAULTS = {
@@ -78,7 +80,7 @@ DIFFUSERS_SDXL_ONLY = {
 
 
 def defaults(sdxl: bool = False) -> dict:
-    parser = build_parser(sdxl)
+    parser = build_parser(family_named(sdxl))
     return {action.dest: action.default for action in parser._actions if action.dest != "help"}
 
 
@@ -101,7 +103,7 @@ def test_sdxl_script_adds_only_its_own_flags():
 
 
 def test_help_has_sections():
-    text = build_parser(sdxl=True).format_help()
+    text = build_parser(family_named(sdxl=True)).format_help()
     for section in ("model:", "data:", "checkpoints:", "validation:", "memory and speed:", "SDXL:"):
         assert section in text
 
@@ -134,7 +136,7 @@ BASE = ["--pretrained_model_name_or_path=m", "--dataset_name=d"]
 )
 def test_bad_arguments_raise_clear_messages(argv, message):
     with pytest.raises(ArgumentError, match=message):
-        parse_args(argv)
+        parsed(argv)
 
 
 @pytest.mark.parametrize("flag", ["cache_dir", "embeddings_cache_dir", "output_dir"])
@@ -142,15 +144,15 @@ def test_a_folder_flag_naming_a_file_is_refused(flag, tmp_path):
     # Otherwise a FileExistsError from datasets or the cache once loading starts.
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ArgumentError, match=f"`--{flag}=.*a_file` is a file; it must name a folder"):
-        parse_args(BASE + [f"--{flag}={tmp_path / 'a_file'}"])
-    parse_args(BASE + [f"--{flag}={tmp_path}"])
+        parsed(BASE + [f"--{flag}={tmp_path / 'a_file'}"])
+    parsed(BASE + [f"--{flag}={tmp_path}"])
 
 
 def test_train_data_dir_beside_dataset_name_is_its_data_dir():
     """As in diffusers: load_dataset(--dataset_name, data_dir=--train_data_dir)."""
-    source = source_from_args(parse_args(BASE + ["--train_data_dir=edges"]))
+    source = source_of(settings_of(BASE + ["--train_data_dir=edges"]).data)
     assert (source.path, source.flag, source.data_dir) == ("d", "--dataset_name", "edges")
-    alone = source_from_args(parse_args(["--pretrained_model_name_or_path=m", "--train_data_dir=folder"]))
+    alone = source_of(settings_of(["--pretrained_model_name_or_path=m", "--train_data_dir=folder"]).data)
     assert (alone.path, alone.flag, alone.data_dir) == ("folder", "--train_data_dir", None)
 
 
@@ -159,41 +161,32 @@ def test_a_tracker_that_is_not_installed_is_refused_before_training():
     available = {tracker.value for tracker in get_available_trackers()}
     missing = next(name for name in ("aim", "dvclive", "swanlab", "clearml", "wandb") if name not in available)
     with pytest.raises(ArgumentError, match=f"needs the {missing} package, which is not installed"):
-        parse_args(BASE + [f"--report_to={missing}"])
+        parsed(BASE + [f"--report_to={missing}"])
     with pytest.raises(ArgumentError, match="not a tracker Accelerate knows"):
-        parse_args(BASE + ["--report_to=tensorbord"])
-    parse_args(BASE + ["--report_to=tensorboard"])  # a project dependency, so always installed
+        parsed(BASE + ["--report_to=tensorbord"])
+    parsed(BASE + ["--report_to=tensorboard"])  # a project dependency, so always installed
 
 
 def test_one_prompt_pairs_with_many_images_and_vice_versa():
-    parse_args(BASE + ["--validation_prompt", "a", "--validation_image", "1.png", "2.png"])
-    parse_args(BASE + ["--validation_prompt", "a", "b", "--validation_image", "1.png"])
-    parse_args(BASE + ["--validation_prompt", "a", "b", "--validation_image", "1.png", "2.png"])
+    parsed(BASE + ["--validation_prompt", "a", "--validation_image", "1.png", "2.png"])
+    parsed(BASE + ["--validation_prompt", "a", "b", "--validation_image", "1.png"])
+    parsed(BASE + ["--validation_prompt", "a", "b", "--validation_image", "1.png", "2.png"])
 
 
 def test_check_args_does_not_mutate():
-    args = parse_args(BASE + ["--max_train_steps=5"])
+    args = parsed(BASE + ["--max_train_steps=5"])
     before = dict(vars(args))
     check_args(args)
-    make_plan(args, num_samples=10, num_processes=2, mixed_precision="bf16", seed=1)
+    settings = resolve(args, family_named())
+    make_plan(settings.data.train_batch_size, settings.optimizer, num_samples=10, num_processes=2, mixed_precision="bf16", seed=1)
     assert vars(args) == before
 
 
-def plan_for(num_samples, num_processes=1, **flags):
-    args = argparse.Namespace(
-        **(
-            dict(
-                train_batch_size=4,
-                gradient_accumulation_steps=1,
-                max_train_steps=None,
-                num_train_epochs=1,
-                learning_rate=1e-5,
-                scale_lr=False,
-            )
-            | flags
-        )
+def plan_for(num_samples, num_processes=1, train_batch_size=4, **flags):
+    optimizer = OptimizerSettings(**(dict(max_train_steps=None, num_train_epochs=1, learning_rate=1e-5) | flags))
+    return make_plan(
+        train_batch_size, optimizer, num_samples=num_samples, num_processes=num_processes, mixed_precision=None, seed=0
     )
-    return make_plan(args, num_samples=num_samples, num_processes=num_processes, mixed_precision=None, seed=0)
 
 
 def test_plan_math_matches_diffusers():
@@ -364,10 +357,10 @@ def parse_readme_command(argv: list[str], sdxl: bool) -> argparse.Namespace:
     lacks (--report_to=wandb), which is said before training; the rest is then checked with the
     default tracker (the last --report_to wins)."""
     try:
-        return parse_args(argv, sdxl=sdxl)
+        return parse_args(argv, family_named(sdxl))
     except ArgumentError as error:
         assert "which is not installed" in str(error), str(error)
-        return parse_args([*argv, "--report_to=tensorboard"], sdxl=sdxl)
+        return parse_args([*argv, "--report_to=tensorboard"], family_named(sdxl))
 
 
 @pytest.mark.parametrize("name", DIFFUSERS_README_COMMANDS)
@@ -397,6 +390,6 @@ def test_diffusers_readme_command_dry_runs_on_the_fixtures(assets, tmp_path):
     command = command.replace("./conditioning_image_1.png", str(assets["validation"][0]))
     command = command.replace("./conditioning_image_2.png", str(assets["validation"][0]))
     argv = readme_argv(command, MODEL_DIR=str(assets["sd"]), OUTPUT_DIR=str(tmp_path / "out"))
-    plan = run([*argv, "--report_to=none", "--dry_run"], sdxl=sdxl).plan["plan"]
+    plan = run([*argv, "--report_to=none", "--dry_run"], family=family_named(sdxl)).plan["plan"]
     assert plan["num_samples"] == 24 and plan["total_batch_size"] == 4 and plan["learning_rate"] == 1e-5
     assert not (tmp_path / "out").exists()  # a dry run leaves nothing behind

@@ -10,13 +10,13 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import step_records, straight_and_resumed, train_argv
+from conftest import settings_of, step_records, straight_and_resumed, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer import data, fixtures
 from controlnet_trainer.arguments import ArgumentError
 from controlnet_trainer.cli import run
-from controlnet_trainer.family import sdxl_time_ids
+from controlnet_trainer.families.sdxl import time_ids as sdxl_time_ids
 
 RESOLUTION = 128  # buckets (64, 128), (128, 64) and (128, 128)
 COLUMNS = data.Columns("image", "conditioning_image", "text")
@@ -57,12 +57,11 @@ def edge_map(pixels: torch.Tensor) -> torch.Tensor:
 
 
 def train_argv_namespace(dataset: Path):
-    from controlnet_trainer.arguments import parse_args
-
-    return parse_args(
+    """The data settings of a bucketed run on ``dataset``."""
+    return settings_of(
         [f"--pretrained_model_name_or_path={dataset}", f"--dataset_name={dataset}", f"--resolution={RESOLUTION}"]
         + ["--aspect_ratio_buckets"]
-    )
+    ).data
 
 
 def test_sdxl_time_ids_describe_the_bucket_and_crop(mixed_shapes):
@@ -98,7 +97,7 @@ def test_sdxl_trains_on_non_square_buckets(sdxl_assets, mixed_shapes, tmp_path):
             aspect_ratio_buckets=True,
             max_train_steps=2,
         ),
-        sdxl=True,
+        family="sdxl",
     )
     assert result.global_step == 2
     weights = load_file(tmp_path / "diffusion_pytorch_model.safetensors")

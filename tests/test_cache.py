@@ -192,7 +192,8 @@ def test_a_bf16_run_stores_its_cache_in_bf16_as_the_encoders_computed_it(assets,
     they did with fp32 storage: uncached, the latent is sampled in bf16, cached in fp32.)"""
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from controlnet_trainer import cache, family
+    from controlnet_trainer import cache
+    from controlnet_trainer.families import Models, sd
 
     cache_root = tmp_path / "cache"
     flags = {"max_train_steps": 2, "mixed_precision": "bf16", "embeddings_cache_dir": cache_root}
@@ -203,7 +204,8 @@ def test_a_bf16_run_stores_its_cache_in_bf16_as_the_encoders_computed_it(assets,
     encoder = CLIPTextModel.from_pretrained(assets["sd"], subfolder="text_encoder", torch_dtype=torch.bfloat16)
     tokenizer = CLIPTokenizer.from_pretrained(assets["sd"], subfolder="tokenizer")
     with torch.no_grad():
-        expected = family.encode_sd([tokenizer], [encoder], [""]).encoder_hidden_states
+        models = Models((tokenizer,), (encoder,), vae=None, denoiser=None, controlnet=None, noise_scheduler=None)
+        expected = sd.encode_prompts(models, [""]).encoder_hidden_states
     # Row 0 with its caption dropped (-1): the empty prompt's stored embedding, handed out in fp32.
     loaded = cache.load(cache_root / key).text([0], [-1], torch.device("cpu")).encoder_hidden_states
     assert loaded.dtype == torch.float32 and torch.equal(loaded, expected.float())

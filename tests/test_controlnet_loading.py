@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
@@ -13,17 +12,18 @@ from safetensors.torch import load_file, save_file
 
 from controlnet_trainer import export
 from controlnet_trainer.cli import run
-from controlnet_trainer.models import ModelError, _load_controlnet, check_conditioning_scale
+from controlnet_trainer.families.unet import check_conditioning_scale
+from controlnet_trainer.families.unet import load_controlnet as _load_controlnet
+from controlnet_trainer.models import ModelError
+from controlnet_trainer.settings import ModelSettings
 
 # diffusers' from_single_file (0.42) leaves SDXL's add_embedding unloaded (see test_export.py).
 DIFFUSERS_SKIPS_SDXL = {f"add_embedding.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
 LEARNING_RATE = 1e-4
 
 
-def _controlnet_args(source: Path, base: Path) -> argparse.Namespace:
-    return argparse.Namespace(
-        controlnet_model_name_or_path=str(source), pretrained_model_name_or_path=str(base), cache_dir=None
-    )
+def _controlnet_args(source: Path, base: Path) -> ModelSettings:
+    return ModelSettings(pretrained_model_name_or_path=str(base), controlnet_model_name_or_path=str(source))
 
 
 def _unet(base: Path) -> UNet2DConditionModel:

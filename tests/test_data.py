@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from pathlib import Path
 
 import datasets
@@ -21,9 +21,10 @@ from controlnet_trainer.data import (
     check_columns,
     choose_caption,
     collate,
-    load_train_dataset,
     to_rgb,
 )
+from controlnet_trainer.datasources import load_train_dataset
+from controlnet_trainer.settings import DataSettings
 
 COLUMNS = Columns("image", "conditioning_image", "text")
 
@@ -50,17 +51,9 @@ def test_caption_column_must_be_text():
         check_columns(tiny_dataset(3), COLUMNS)
 
 
-def loading_args(dataset: Path) -> argparse.Namespace:
-    """The flags load_train_dataset reads, for a local dataset folder."""
-    return argparse.Namespace(
-        dataset_name=str(dataset),
-        train_data_dir=None,
-        dataset_config_name=None,
-        cache_dir=None,
-        image_column="image",
-        conditioning_image_column="conditioning_image",
-        caption_column="text",
-    )
+def loading_args(dataset: Path) -> DataSettings:
+    """The data settings load_train_dataset reads, for a local dataset folder."""
+    return DataSettings(dataset_name=str(dataset))
 
 
 def rows_with_captions(captions) -> datasets.Dataset:
@@ -91,7 +84,7 @@ def test_nonexistent_dataset_path_and_empty_dataset(tmp_path):
     with pytest.raises(DataError, match="no rows"):
         load_train_dataset(args)
     with pytest.raises(DataError, match="`--dataset_name` points to .*does not exist"):
-        load_train_dataset(argparse.Namespace(**(vars(args) | {"dataset_name": str(tmp_path / "nope")})))
+        load_train_dataset(dataclasses.replace(args, dataset_name=str(tmp_path / "nope")))
 
 
 def marker_image(size: tuple[int, int], box: tuple[int, int, int, int], colour) -> Image.Image:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -14,8 +13,9 @@ from conftest import RESOLUTION, train_argv
 
 from controlnet_trainer import fixtures, streaming
 from controlnet_trainer.cli import run
-from controlnet_trainer.data import Columns, ControlNetDataset, DataError, PairedTransform, load_train_dataset
-from controlnet_trainer.datasources import load_rows
+from controlnet_trainer.data import Columns, ControlNetDataset, DataError, PairedTransform
+from controlnet_trainer.datasources import load_rows, load_train_dataset
+from controlnet_trainer.settings import DataSettings
 from controlnet_trainer.tracking import OPTIONS_FILE
 
 COLUMNS = Columns("image", "conditioning_image", "text")
@@ -213,7 +213,7 @@ def test_rebuilt_dataset_folder_with_configs_is_not_served_from_a_stale_cache(tm
 
 
 def test_trains_two_steps_on_a_metadata_folder(assets, fill_folder, tmp_path):
-    """End to end through the CLI; needs data.load_train_dataset to call datasources.load_rows."""
+    """End to end through the CLI; needs datasources.load_train_dataset to call load_rows."""
     result = run(train_argv(assets, tmp_path, dataset_name=None, train_data_dir=fill_folder, max_train_steps=2))
     assert result.global_step == 2
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
@@ -229,18 +229,9 @@ def subsets(tmp_path_factory) -> Path:
     return root
 
 
-def flags(**values) -> argparse.Namespace:
-    """The flags the loaders read; ``values`` override them."""
-    defaults = {
-        "dataset_name": None,
-        "train_data_dir": None,
-        "dataset_config_name": None,
-        "cache_dir": None,
-        "image_column": "image",
-        "conditioning_image_column": "conditioning_image",
-        "caption_column": "text",
-    }
-    return argparse.Namespace(**(defaults | {name: str(value) for name, value in values.items()}))
+def flags(**values) -> DataSettings:
+    """The data settings the loaders read; ``values`` override them."""
+    return DataSettings(**{name: str(value) for name, value in values.items()})
 
 
 def test_train_data_dir_beside_dataset_name_is_its_data_dir(subsets):

@@ -85,7 +85,7 @@ def test_a_diffusers_checkpoint_resumes_with_its_weights_optimizer_schedule_and_
         checkpoints_total_limit=1,
     )
     with caplog.at_level(logging.WARNING, logger="controlnet_trainer.checkpointing"):
-        result = run(train_argv(assets, output_dir, stop_at_step=3, use_ema=True, **flags), sdxl=sdxl)
+        result = run(train_argv(assets, output_dir, stop_at_step=3, use_ema=True, **flags), family="sdxl" if sdxl else "sd")
     assert result.global_step == 3 and result.stopped_early
     assert "written by diffusers' training script" in caplog.text
     assert "continues epoch 0 after the first 2 batches" in caplog.text
@@ -165,7 +165,7 @@ def test_saving_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
 def steps_of_this_trainer(batches: int, accumulation: int, epochs: int) -> list[TrainingProgress]:
     """The progress after each optimizer step, as the training loop advances it: a step ends every
     ``accumulation`` micro-batches and at the end of each epoch."""
-    from controlnet_trainer.training import advance
+    from controlnet_trainer.loop import advance
 
     progress, seen = TrainingProgress(), []
     for epoch in range(epochs):

@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
-from conftest import RESOLUTION, ROOT, free_port, script_env, step_records, train_argv
+from conftest import RESOLUTION, ROOT, free_port, script_env, settings_of, step_records, train_argv
 from safetensors.torch import load_file
 
-from controlnet_trainer import fixtures, training
+from controlnet_trainer import fixtures, loop
 from controlnet_trainer.cli import run
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -51,9 +51,9 @@ FLAGS = {
 PROBE = """\
 import json, os, sys
 from accelerate.state import PartialState
-from controlnet_trainer import cli, training
+from controlnet_trainer import cli, loop
 
-_loss = training.micro_batch_loss
+_loss = loop.micro_batch_loss
 
 def _recorded(batch, *args, **kwargs):
     rank = PartialState().process_index
@@ -61,7 +61,7 @@ def _recorded(batch, *args, **kwargs):
         handle.write(json.dumps(batch["index"]) + "\\n")
     return _loss(batch, *args, **kwargs)
 
-training.micro_batch_loss = _recorded
+loop.micro_batch_loss = _recorded
 sys.argv[0] = "train_controlnet.py"
 cli.main()
 """
@@ -132,7 +132,7 @@ def one_process_run(assets, tmp_path_factory) -> dict:
     """The same run in one process with the same global batch (4), in-process."""
     output_dir = tmp_path_factory.mktemp("one-process") / "out"
     seen: list[list[int]] = []
-    loss = training.micro_batch_loss
+    loss = loop.micro_batch_loss
 
     def recorded(batch, *args, **kwargs):
         seen.append(list(batch["index"]))
@@ -142,7 +142,7 @@ def one_process_run(assets, tmp_path_factory) -> dict:
     torch.set_num_threads(1)  # as accelerate launch gives each rank; spare a small, shared box
     try:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(training, "micro_batch_loss", recorded)
+            patch.setattr(loop, "micro_batch_loss", recorded)
             run(train_argv(assets, output_dir, train_batch_size=4, **flags(assets)))
     finally:
         torch.set_num_threads(threads)
@@ -272,16 +272,16 @@ def test_two_processes_share_the_image_scan_and_skip_the_same_rows(assets, tmp_p
 SLOW_LOAD = """\
 import sys, time
 from accelerate.state import PartialState
-from controlnet_trainer import cli, data
+from controlnet_trainer import cli, datasources
 
-_load = data.load_train_dataset
+_load = datasources.load_train_dataset
 
 def _slow(args):
     if PartialState().process_index == 0:
         time.sleep(8)
     return _load(args)
 
-data.load_train_dataset = _slow
+datasources.load_train_dataset = _slow
 sys.argv[0] = "train_controlnet.py"
 cli.main()
 """
@@ -303,7 +303,6 @@ def test_two_processes_share_the_bucket_scan_and_draw_batches_of_one_bucket(asse
     import datasets
 
     from controlnet_trainer import data
-    from controlnet_trainer.arguments import parse_args
 
     shapes = fixtures.build_fill_dataset(tmp_path / "fill", num_rows=16, size=128, aspect_ratios=(2.0, 0.5))
     probe_script, probe_dir = tmp_path / "probe.py", tmp_path / "probe"
@@ -313,7 +312,7 @@ def test_two_processes_share_the_bucket_scan_and_draw_batches_of_one_bucket(asse
     argv = train_argv(assets, tmp_path / "out", max_train_steps=3, **flags)
     launch_two(probe_script, argv, PROBE_DIR=str(probe_dir))
     rows = datasets.load_dataset(str(shapes))["train"]
-    truth = data.assign_buckets(rows, parse_args(train_argv(assets, tmp_path / "x", **flags)))
+    truth = data.assign_buckets(rows, settings_of(train_argv(assets, tmp_path / "x", **flags)).data)
     assert len(set(truth)) == 2
     batches = read_probe(probe_dir, 0) + read_probe(probe_dir, 1)
     assert len(batches) == 6
@@ -480,14 +479,14 @@ def test_streaming_ranks_share_the_stream_and_match_one_process(assets, tmp_path
     )
     one_dir = tmp_path / "one"
     seen: list[list[int]] = []
-    loss = training.micro_batch_loss
+    loss = loop.micro_batch_loss
 
     def recorded(batch, *args, **kwargs):
         seen.append(list(batch["index"]))
         return loss(batch, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(training, "micro_batch_loss", recorded)
+        patch.setattr(loop, "micro_batch_loss", recorded)
         run(train_argv(assets, one_dir, train_batch_size=4, **flags(assets, **common)))
     rank0, rank1 = (read_probe(probe_dir, rank) for rank in (0, 1))
     for a, b, whole in zip(rank0, rank1, seen, strict=True):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -18,8 +17,10 @@ from diffusers import ControlNetModel
 
 from controlnet_trainer import data, fidelity, fixtures
 from controlnet_trainer.errors import InputError
-from controlnet_trainer.family import SD, SDXL
+from controlnet_trainer.families.sd import FAMILY as SD
+from controlnet_trainer.families.sdxl import FAMILY as SDXL
 from controlnet_trainer.models import load_models
+from controlnet_trainer.settings import ModelSettings
 
 RESOLUTION = 64
 NUM_HELDOUT = 8
@@ -54,14 +55,7 @@ def samples(rows) -> list[dict]:
 
 def _load(base: Path, family, weight_dtype: torch.dtype = torch.float32):
     """Frozen base models in ``weight_dtype`` and a fresh fp32 ControlNet made from the UNet."""
-    args = argparse.Namespace(
-        pretrained_model_name_or_path=str(base),
-        controlnet_model_name_or_path=None,
-        revision=None,
-        variant=None,
-        cache_dir=None,
-        tokenizer_name=None,
-    )
+    args = ModelSettings(pretrained_model_name_or_path=str(base))
     # from_unet draws the conditioning embedding from the global generator: seeded here, so the
     # probe's numbers do not depend on which tests ran before (after test_sdxl, matched and
     # blank differed by 5e-6 instead of more than 1e-5).

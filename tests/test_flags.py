@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 
 from controlnet_trainer import fixtures
 from controlnet_trainer.cli import run
-from controlnet_trainer.loss import min_snr_weights, sample_noise_and_timesteps
-from controlnet_trainer.training import step_generators
+from controlnet_trainer.families.ddpm import min_snr_weights, sample_noise_and_timesteps
+from controlnet_trainer.step import step_generators
 
 PROMPT = "red circle with blue background"
 # One row (index 0 of the selected rows; --fidelity_samples holds none out by default), one step:
@@ -30,7 +30,7 @@ ONE_SAMPLE = {"max_train_samples": 1, "train_batch_size": 1, "max_train_steps": 
 
 def drawn_timesteps(pipeline_dir: Path, indices, num_train_timesteps: int) -> torch.Tensor:
     """The timesteps a run at seed 0 draws in epoch 0 for these dataset indices, made as
-    training.encode_batch and micro_batch_loss make them: each sample's device generator first
+    step.encode_batch and micro_batch_loss make them: each sample's device generator first
     draws the VAE posterior's noise, then the diffusion noise and the timestep."""
     vae = json.loads((pipeline_dir / "vae" / "config.json").read_text())
     downsampling = 2 ** (len(vae["block_out_channels"]) - 1)

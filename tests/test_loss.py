@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 
-from controlnet_trainer.loss import diffusion_loss, min_snr_weights, sample_noise_and_timesteps
+from controlnet_trainer.families import Models, TextConditioning
+from controlnet_trainer.families.ddpm import min_snr_weights, sample_noise_and_timesteps
+from controlnet_trainer.families.sd import FAMILY as SD
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +30,10 @@ def loss_for(tiny, scheduler=None, **kwargs):
     unet, controlnet, default_scheduler, inputs = tiny
     noise, timesteps = sample_noise_and_timesteps(inputs["latents"], 1000, torch.Generator().manual_seed(1))
     merged = inputs | {"noise": noise, "timesteps": timesteps} | kwargs
+    models = Models((), (), None, unet, controlnet, scheduler or default_scheduler)
+    step = {name: value for name, value in merged.items() if name != "encoder_hidden_states"}
     with torch.no_grad():
-        return diffusion_loss(
-            unet=unet, controlnet=controlnet, noise_scheduler=scheduler or default_scheduler, **merged
-        ), merged
+        return SD.loss(models, controlnet, text=TextConditioning(merged["encoder_hidden_states"]), **step), merged
 
 
 def test_epsilon_loss_is_mse_to_noise_and_fresh_controlnet_adds_nothing(tiny):
@@ -133,14 +135,10 @@ def test_noise_offset_shifts_each_channel_by_a_constant():
 
 
 def test_zero_terminal_snr_flag_reaches_the_scheduler(assets):
-    import argparse
 
-    from controlnet_trainer.family import SD
     from controlnet_trainer.models import load_models
+    from controlnet_trainer.settings import ModelSettings
 
-    args = argparse.Namespace(
-        pretrained_model_name_or_path=str(assets["sd"]), revision=None, variant=None, cache_dir=None,
-        tokenizer_name=None, controlnet_model_name_or_path=None, rescale_betas_zero_snr=True,
-    )  # fmt: skip
-    scheduler = load_models(args, SD).noise_scheduler
+    settings = ModelSettings(pretrained_model_name_or_path=str(assets["sd"]), rescale_betas_zero_snr=True)
+    scheduler = load_models(settings, SD).noise_scheduler
     assert scheduler.alphas_cumprod[-1].item() < 1e-6  # SNR at the last timestep is zero

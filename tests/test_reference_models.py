@@ -9,7 +9,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModel
 
-from controlnet_trainer import loss, reference_models
+from controlnet_trainer import reference_models
+from controlnet_trainer.families import Models, TextConditioning
+from controlnet_trainer.families.sd import FAMILY as SD
 
 # Parameter counts of the released checkpoints (runwayml/stable-diffusion-v1-5,
 # stabilityai/stable-diffusion-xl-base-1.0).
@@ -74,14 +76,14 @@ def test_meta_count_equals_a_real_step(assets):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         latents = vae.encode(pixels).latent_dist.sample()
         hidden = text_encoder(torch.zeros(1, 77, dtype=torch.long))[0]
-        loss.diffusion_loss(
-            unet=unet,
-            controlnet=controlnet,
-            noise_scheduler=DDPMScheduler(**reference_models.SCHEDULER),
+        models = Models((), (text_encoder,), vae, unet, controlnet, DDPMScheduler(**reference_models.SCHEDULER))
+        SD.loss(
+            models,
+            controlnet,
             latents=latents,
             noise=torch.randn_like(latents),
             timesteps=torch.tensor([500]),
-            encoder_hidden_states=hidden,
+            text=TextConditioning(hidden),
             controlnet_image=pixels,
         ).backward()
     assert counter.get_total_flops() == counted["uncached"]

@@ -7,15 +7,17 @@ import shutil
 
 import pytest
 import torch
-from conftest import train_argv
+from conftest import settings_of, train_argv
 from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
 from PIL import Image
 
-from controlnet_trainer.arguments import parse_args
 from controlnet_trainer.cli import run
 from controlnet_trainer.data import PairedTransform, collate
-from controlnet_trainer.family import SD, SDXL, TextConditioning, sdxl_time_ids, unet_added_conditioning
-from controlnet_trainer.models import freeze_and_place, load_models
+from controlnet_trainer.families import TextConditioning
+from controlnet_trainer.families.sd import FAMILY as SD
+from controlnet_trainer.families.sdxl import FAMILY as SDXL
+from controlnet_trainer.families.sdxl import time_ids as sdxl_time_ids
+from controlnet_trainer.models import load_models
 
 
 def test_time_ids_describe_the_crop_actually_made():
@@ -32,16 +34,16 @@ def test_time_ids_describe_the_crop_actually_made():
 def test_added_conditioning_only_for_sdxl():
     batch = {"original_size": torch.tensor([[10, 20]]), "crop_top_left": torch.tensor([[1, 2]])}
     text = TextConditioning(torch.zeros(1, 77, 64), torch.ones(1, 32))
-    assert unet_added_conditioning(SD, text, batch, resolution=64, crop_override=None) is None
-    added = unet_added_conditioning(SDXL, text, batch, resolution=64, crop_override=None)
+    assert SD.added_conditioning(text, batch, resolution=64, crop_override=None) is None
+    added = SDXL.added_conditioning(text, batch, resolution=64, crop_override=None)
     assert added["time_ids"].tolist() == [[10, 20, 1, 2, 64, 64]] and added["text_embeds"] is text.pooled
 
 
 def test_sdxl_text_encoding_concatenates_penultimate_states(sdxl_assets, tmp_path):
-    args = parse_args(train_argv(sdxl_assets, tmp_path, sdxl=True), sdxl=True)
+    args = settings_of(train_argv(sdxl_assets, tmp_path, sdxl=True), sdxl=True).model
     models = load_models(args, SDXL)
     assert models.tokenizers[1].pad_token == "!"
-    text = SDXL.encode(models.tokenizers, models.text_encoders, ["red circle with blue background"])
+    text = SDXL.encode_prompts(models, ["red circle with blue background"])
     assert text.encoder_hidden_states.shape == (1, 77, 64)  # 32 + 32 hidden sizes side by side
     assert text.pooled.shape == (1, 32)
     first = models.text_encoders[0](
@@ -52,11 +54,11 @@ def test_sdxl_text_encoding_concatenates_penultimate_states(sdxl_assets, tmp_pat
 
 
 def test_sdxl_vae_stays_fp32_in_mixed_precision_unless_a_vae_is_given(sdxl_assets, tmp_path):
-    args = parse_args(train_argv(sdxl_assets, tmp_path, sdxl=True), sdxl=True)
+    args = settings_of(train_argv(sdxl_assets, tmp_path, sdxl=True), sdxl=True).model
     models = load_models(args, SDXL)
-    freeze_and_place(models, SDXL, device=torch.device("cpu"), weight_dtype=torch.bfloat16, custom_vae=False)
-    assert models.vae.dtype == torch.float32 and models.unet.dtype == torch.bfloat16
-    freeze_and_place(models, SDXL, device=torch.device("cpu"), weight_dtype=torch.bfloat16, custom_vae=True)
+    SDXL.place_models(models, device=torch.device("cpu"), weight_dtype=torch.bfloat16, custom_vae=False)
+    assert models.vae.dtype == torch.float32 and models.denoiser.dtype == torch.bfloat16
+    SDXL.place_models(models, device=torch.device("cpu"), weight_dtype=torch.bfloat16, custom_vae=True)
     assert models.vae.dtype == torch.bfloat16
 
 
@@ -68,9 +70,9 @@ def test_tokenizer_name_is_read(sdxl_assets, tmp_path):
         config_path = custom / sub / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) | {"model_max_length": 20}
         config_path.write_text(json.dumps(config))
-    args = parse_args(train_argv(sdxl_assets, tmp_path, sdxl=True, tokenizer_name=custom), sdxl=True)
+    args = settings_of(train_argv(sdxl_assets, tmp_path, sdxl=True, tokenizer_name=custom), sdxl=True).model
     assert [t.model_max_length for t in load_models(args, SDXL).tokenizers] == [20, 20]
-    sd_args = parse_args(train_argv(sdxl_assets, tmp_path, tokenizer_name=custom / "tokenizer"))
+    sd_args = settings_of(train_argv(sdxl_assets, tmp_path, tokenizer_name=custom / "tokenizer")).model
     assert load_models(sd_args, SD).tokenizers[0].model_max_length == 20
 
 
@@ -89,7 +91,7 @@ def test_sdxl_run_saves_model_that_generates(sdxl_assets, tmp_path):
             validation_steps=4,
             crops_coords_top_left_h=0,
         ),
-        sdxl=True,
+        family="sdxl",
     )
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     assert {p.name for p in tmp_path.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
@@ -105,7 +107,7 @@ def test_sdxl_run_saves_model_that_generates(sdxl_assets, tmp_path):
 
 
 def test_sdxl_checkpoint_limit_and_resume(sdxl_assets, tmp_path):
-    run(train_argv(sdxl_assets, tmp_path, sdxl=True, max_train_steps=6, checkpointing_steps=2), sdxl=True)
+    run(train_argv(sdxl_assets, tmp_path, sdxl=True, max_train_steps=6, checkpointing_steps=2), family="sdxl")
     assert {p.name for p in tmp_path.glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4", "checkpoint-6"}
     result = run(
         train_argv(
@@ -117,7 +119,7 @@ def test_sdxl_checkpoint_limit_and_resume(sdxl_assets, tmp_path):
             checkpoints_total_limit=2,
             resume_from_checkpoint="checkpoint-6",
         ),
-        sdxl=True,
+        family="sdxl",
     )
     assert result.global_step == 8
     assert {p.name for p in tmp_path.glob("checkpoint-*")} == {"checkpoint-6", "checkpoint-8"}
@@ -127,7 +129,7 @@ def test_npu_flash_attention_without_npu_is_a_clear_error(sdxl_assets, tmp_path)
     from controlnet_trainer.models import ModelError
 
     with pytest.raises(ModelError, match="torch_npu"):
-        run(train_argv(sdxl_assets, tmp_path, sdxl=True, enable_npu_flash_attention=True), sdxl=True)
+        run(train_argv(sdxl_assets, tmp_path, sdxl=True, enable_npu_flash_attention=True), family="sdxl")
 
 
 def test_the_wrong_script_for_the_model_names_the_right_one(sdxl_assets, tmp_path, capsys):
@@ -140,7 +142,7 @@ def test_the_wrong_script_for_the_model_names_the_right_one(sdxl_assets, tmp_pat
         sdxl_assets, tmp_path / "a", sdxl=True, pretrained_model_name_or_path=sdxl_assets["sd"]
     )
     with pytest.raises(ModelError, match="is an SD 1.x/2.x model.*Run train_controlnet.py with the same flags"):
-        run(sd_model_on_sdxl, sdxl=True)
+        run(sd_model_on_sdxl, family="sdxl")
     with pytest.raises(ModelError, match="is an SDXL model.*Run train_controlnet_sdxl.py with the same flags"):
         run(train_argv(sdxl_assets, tmp_path / "b", pretrained_model_name_or_path=sdxl_assets["sdxl"]))
     with pytest.raises(SystemExit) as exit_info:

@@ -462,15 +462,15 @@ def test_torch_compile_trains_like_eager_and_saves_plain_names(assets, tmp_path,
 def test_step_time_includes_the_wait_at_the_loss_read_back(assets, tmp_path, monkeypatch):
     """On a GPU the read-back is where the host waits for the queued steps: that wait is step time.
     A slow read-back stands in for the wait, which a CPU run never has."""
-    from controlnet_trainer import training
+    from controlnet_trainer import loop
 
-    read_back = training.mean_loss
+    read_back = loop.mean_loss
 
     def slow_read_back(accelerator, pending):
         time.sleep(0.5)
         return read_back(accelerator, pending)
 
-    monkeypatch.setattr(training, "mean_loss", slow_read_back)
+    monkeypatch.setattr(loop, "mean_loss", slow_read_back)
     run(train_argv(assets, tmp_path, max_train_steps=4, logging_steps=2))
     records = step_records(tmp_path)
     assert [r["step"] for r in records] == [2, 4]
@@ -499,12 +499,11 @@ def test_engines_refuse_what_they_cannot_save(engine, zero_stage, use_ema, refus
 
 @pytest.mark.parametrize(("device", "fused"), [("cuda", True), ("cpu", True), ("mps", None)])
 def test_adamw_is_fused_for_the_training_device_not_where_weights_start(device, fused):
-    from controlnet_trainer.arguments import parse_args
-    from controlnet_trainer.models import make_optimizer
+    from controlnet_trainer.optimization import make_optimizer
+    from controlnet_trainer.settings import OptimizerSettings
 
-    args = parse_args(["--pretrained_model_name_or_path=m", "--dataset_name=d", "--output_dir=o"])
     weights = [torch.nn.Parameter(torch.zeros(3))]  # on the CPU, as before Accelerate moves them
-    optimizer = make_optimizer(args, weights, 1e-5, torch.device(device))
+    optimizer = make_optimizer(OptimizerSettings(), weights, 1e-5, torch.device(device))
     assert optimizer.defaults["fused"] is fused
 
 

@@ -1,10 +1,11 @@
-"""The diffusion training step as one pure function: residuals, prediction, target, loss."""
+"""The DDPM objective of SD and SDXL: uniform timesteps, epsilon or v-prediction targets, Min-SNR."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
 
 
 def sample_noise_and_timesteps(
@@ -32,6 +33,8 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     the SNR is zero (the last timestep under --rescale_betas_zero_snr) rather than 0 / 0.
     v-prediction: min(snr, gamma) / (snr + 1), which is 0 there.
     """
+    from diffusers.training_utils import compute_snr  # diffusers loads when the objective first runs
+
     snr = compute_snr(noise_scheduler, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -50,65 +53,39 @@ def training_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
     raise ValueError(f"Unknown prediction type {prediction_type}")
 
 
-def predict_noise(
-    *,
-    unet,
-    controlnet,
-    noisy_latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    controlnet_image: torch.Tensor | None,
-    added_cond_kwargs: dict | None,
-    weight_dtype: torch.dtype,
-) -> torch.Tensor:
-    """UNet prediction with the ControlNet's residuals added; no residuals if image is None."""
-    residuals = {}
-    if controlnet_image is not None:
-        down, mid = controlnet(
-            noisy_latents,
-            timesteps,
-            encoder_hidden_states=encoder_hidden_states,
-            controlnet_cond=controlnet_image,
-            added_cond_kwargs=added_cond_kwargs,
-            return_dict=False,
-        )
-        residuals = {
-            "down_block_additional_residuals": [r.to(dtype=weight_dtype) for r in down],
-            "mid_block_additional_residual": mid.to(dtype=weight_dtype),
-        }
-    return unet(
-        noisy_latents.to(weight_dtype),
-        timesteps,
-        encoder_hidden_states=encoder_hidden_states.to(weight_dtype),
-        added_cond_kwargs=added_cond_kwargs,
-        return_dict=False,
-        **residuals,
-    )[0]
+def sample_noise(models, latents: torch.Tensor, generator: torch.Generator, objective) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's noise and timestep for the family record (``sample_noise_and_timesteps``)."""
+    num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
+    return sample_noise_and_timesteps(latents, num_train_timesteps, generator, objective.noise_offset)
 
 
 def diffusion_loss(
-    *,
-    unet,
+    models,
     controlnet,
-    noise_scheduler,
+    *,
+    predict: Callable[..., torch.Tensor],
     latents: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
+    text,
     controlnet_image: torch.Tensor | None,
     added_cond_kwargs: dict | None = None,
     weight_dtype: torch.dtype = torch.float32,
     snr_gamma: float | None = None,
     reduce: bool = True,
 ) -> torch.Tensor:
-    """Mean denoising loss of UNet + ControlNet; per-sample losses with ``reduce=False``."""
+    """Mean denoising loss of the denoiser + ControlNet; per-sample losses with ``reduce=False``.
+
+    ``predict`` is the family's forward call (ControlNet, then the denoiser with its residuals).
+    """
+    noise_scheduler = models.noise_scheduler
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = predict_noise(
-        unet=unet,
-        controlnet=controlnet,
+    prediction = predict(
+        models,
+        controlnet,
         noisy_latents=noisy_latents,
         timesteps=timesteps,
-        encoder_hidden_states=encoder_hidden_states,
+        text=text,
         controlnet_image=controlnet_image,
         added_cond_kwargs=added_cond_kwargs,
         weight_dtype=weight_dtype,
