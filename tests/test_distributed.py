@@ -291,9 +291,12 @@ def test_ddp_timeout_is_how_long_ranks_wait_for_each_other(assets, tmp_path):
     script = tmp_path / "slow.py"
     script.write_text(SLOW_LOAD)
     argv = train_argv(assets, tmp_path / "out", dry_run=True)
-    waited = launch_two(script, [*argv, "--ddp_timeout=60"])
+    # Both launches at once: their 8 s waits overlap.
+    patient = start_two(script, [*argv, "--ddp_timeout=60"])
+    impatient = start_two(script, [*argv, "--ddp_timeout=2"])
+    waited = wait_two(patient)
     assert '"num_processes": 2' in waited.stdout
-    short = wait_two(start_two(script, [*argv, "--ddp_timeout=2"]), check=False)
+    short = wait_two(impatient, check=False)
     assert short.returncode != 0 and "timed out" in short.stderr.lower(), short.stderr[-3000:]
 
 

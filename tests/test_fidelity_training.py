@@ -4,10 +4,12 @@ and stays near zero when the conditioning images are shuffled against their targ
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import datasets
 import pytest
-from conftest import RESOLUTION, train_argv
+from conftest import RESOLUTION, ROOT, script_env, train_argv
 
 from controlnet_trainer import fidelity, fixtures
 from controlnet_trainer.cli import run
@@ -32,31 +34,36 @@ def gaps(output_dir) -> dict[int, float]:
     return {r["step"]: r["fidelity/control_gap"] for r in records if "fidelity/control_gap" in r}
 
 
-def train(assets, output_dir, dataset):
-    run(
-        train_argv(
-            assets,
-            output_dir,
-            dataset_name=dataset,
-            max_train_steps=STEPS,
-            validation_steps=STEPS // 2,
-            fidelity_samples=16,
-        )
-    )
-    return gaps(output_dir)
+@pytest.fixture(scope="module")
+def trained(assets, fill_data, tmp_path_factory) -> dict[str, object]:
+    """The honest and the shuffled run, trained side by side: two processes of one thread each
+    take little longer than one process of two threads takes for one run."""
+    root = tmp_path_factory.mktemp("fidelity-runs")
+    flags = {"max_train_steps": STEPS, "validation_steps": STEPS // 2, "fidelity_samples": 16}
+    launched = {}
+    for name, dataset in fill_data.items():
+        argv = train_argv(assets, root / name, dataset_name=dataset, **flags)
+        log = (root / f"{name}.log").open("w")
+        command = [sys.executable, str(ROOT / "train_controlnet.py"), *argv]
+        launched[name] = (subprocess.Popen(command, env=script_env(OMP_NUM_THREADS="1"), stdout=log, stderr=log), log)
+    for name, (process, log) in launched.items():
+        process.wait(timeout=1800)
+        log.close()
+        assert process.returncode == 0, (root / f"{name}.log").read_text()[-3000:]
+    return {name: root / name for name in fill_data}
 
 
-def test_control_gap_rises_with_training(assets, fill_data, tmp_path):
-    measured = train(assets, tmp_path, fill_data["honest"])
+def test_control_gap_rises_with_training(trained):
+    measured = gaps(trained["honest"])
     assert sorted(measured) == [0, STEPS // 2, STEPS]
     assert measured[0] == 0.0  # a fresh ControlNet's zero convolutions add nothing
     assert measured[STEPS] > 0.004, measured
-    final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    final = json.loads((trained["honest"] / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["fidelity/matched"] < final["fidelity/mismatched"]
 
 
-def test_control_gap_stays_flat_when_conditioning_is_shuffled(assets, fill_data, tmp_path):
-    measured = train(assets, tmp_path, fill_data["shuffled"])
+def test_control_gap_stays_flat_when_conditioning_is_shuffled(trained):
+    measured = gaps(trained["shuffled"])
     assert measured[0] == 0.0
     assert abs(measured[STEPS]) < 0.002, measured
 

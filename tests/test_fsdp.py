@@ -19,6 +19,8 @@ import torch
 from conftest import accelerate_launch, train_argv
 from safetensors.torch import load_file
 
+from controlnet_trainer.cli import run
+
 ON_GPU = torch.cuda.is_available()
 PROCESSES = torch.cuda.device_count() if ON_GPU else 2
 VERSIONS = [1, 2] if ON_GPU else [2]
@@ -70,11 +72,9 @@ def fsdp_config(path: Path, version: int, mixed_precision: str = "'no'") -> Path
     return path
 
 
-def launch(argv: list[str], config: Path | None = None, *, succeed: bool = True) -> subprocess.CompletedProcess:
-    """The training script under accelerate: with ``config``, as it says (on CPU through the gate
-    lift); else one plain process."""
-    flags = ["--config_file", str(config)] if config else ["--num_processes=1", "--mixed_precision=no"]
-    done = accelerate_launch(flags, argv, engine_on_cpu=config is not None and not ON_GPU)
+def launch(argv: list[str], config: Path, *, succeed: bool = True) -> subprocess.CompletedProcess:
+    """The training script under accelerate as ``config`` says (on CPU through the gate lift)."""
+    done = accelerate_launch(["--config_file", str(config)], argv, engine_on_cpu=not ON_GPU)
     if succeed:
         assert done.returncode == 0, done.stderr[-5000:]
     return done
@@ -94,8 +94,8 @@ def test_fsdp_trains_saves_evaluates_and_resumes_like_a_plain_run(assets, tmp_pa
     launch(train_argv(assets, straight, **common), config)
     launch(train_argv(assets, tmp_path / "resumed", stop_at_step=2, **common), config)
     launch(train_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **common), config)
-    plain = tmp_path / "plain"  # one process with the same global batch
-    launch(train_argv(assets, plain, **common | {"train_batch_size": COMMON["train_batch_size"] * PROCESSES}))
+    plain = tmp_path / "plain"  # one process with the same global batch, in this one
+    run(train_argv(assets, plain, **common | {"train_batch_size": COMMON["train_batch_size"] * PROCESSES}))
 
     final = load_file(straight / WEIGHTS)
     start = load_file(Path(assets["controlnet"]) / WEIGHTS)
