@@ -239,8 +239,8 @@ def _speed_group(parser: argparse.ArgumentParser) -> None:
         metavar="BACKEND",
         help="Compile the frozen UNet and the ControlNet with torch.compile for training (backend: "
         "inductor, or the one named); validation and the fidelity probe run them uncompiled. The first "
-        "steps wait about 2 minutes while kernels are built (SD 1.5); then a step is 1.36x faster on an "
-        "H200 at batch 16, so it pays back after a few thousand steps.",
+        "steps wait while kernels are built (minutes for SD 1.5), so it pays for long runs; "
+        "benchmarks/README.md gives the measured speed-up.",
     )
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     group.add_argument(

@@ -48,7 +48,7 @@ def test_log_edges_time_the_process_before_its_first_log_line_and_after_its_last
 
 def test_time_a_run_spent_off_the_step_clock_is_what_its_parts_leave_unexplained():
     log = "2026-11-27 11:55:58,692 INFO controlnet_trainer.training: [RANK 0] Saved the ControlNet to /tmp/x (1.6 s)\n"
-    # The --use_ema case before f9d9fee on an H100: its weight swap ran every step, off the clock.
+    # A --use_ema run on an H100 whose weight swap runs every step, off the step clock.
     row = {
         "process_seconds_outside_steps": 62.7,
         "startup_seconds": 6.1,

@@ -133,8 +133,8 @@ def test_npu_flash_attention_without_npu_is_a_clear_error(sdxl_assets, tmp_path)
 
 
 def test_the_wrong_script_for_the_model_names_the_right_one(sdxl_assets, tmp_path, capsys):
-    # They used to fail deep inside: a missing tokenizer_2 (SDXL script, SD model) or a TypeError
-    # at the first step (SD script, SDXL model).
+    # Without the check they fail deep inside: a missing tokenizer_2 (SDXL script, SD model) or a
+    # TypeError at the first step (SD script, SDXL model).
     from controlnet_trainer import fidelity
     from controlnet_trainer.models import ModelError
 

@@ -308,8 +308,8 @@ def test_fp16_on_cpu_is_refused_before_any_model_loads(assets, tmp_path, monkeyp
 
 
 def test_push_to_hub_without_the_hub_fails_before_training(assets, tmp_path, monkeypatch):
-    # The repo used to be created only after training, so an offline machine or a missing login
-    # ended a finished run with a network traceback.
+    # The repo is created before training: an offline machine or a missing login must not end a
+    # finished run with a network traceback.
     import huggingface_hub.constants
 
     from controlnet_trainer import hub, training

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-
-from . import Defaults, ModelCard, ModelFamily, Models, TextConditioning, ddpm, token_ids, unet
+from . import Defaults, ModelCard, Models, TextConditioning, token_ids, unet
 
 TEXT_COMPONENTS = (("tokenizer", "text_encoder"),)
 
@@ -28,7 +26,9 @@ def is_sd_unet(config: dict) -> bool:
     return config.get("addition_embed_type") != "text_time"
 
 
-FAMILY = ModelFamily(
+FAMILY = unet.make_family(
+    text_components=TEXT_COMPONENTS,
+    pipeline_extras={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
     name="sd",
     title="SD 1.x/2.x",
     script="train_controlnet.py",
@@ -36,21 +36,9 @@ FAMILY = ModelFamily(
     defaults=Defaults(resolution=512, image_interpolation_mode="bilinear", tracker_project_name="train_controlnet"),
     card=ModelCard(tags=("stable-diffusion",), license="creativeml-openrail-m"),
     add_flags=None,
-    denoiser_subfolder="unet",
     is_own_denoiser=is_sd_unet,
-    text_components=TEXT_COMPONENTS,
-    load_models=functools.partial(unet.load_models, text_components=TEXT_COMPONENTS),
     place_models=place_models,
-    enable_memory_options=unet.enable_memory_options,
     encode_prompts=encode_prompts,
     added_conditioning=no_added_conditioning,
-    sample_noise=ddpm.sample_noise,
-    loss=functools.partial(ddpm.diffusion_loss, predict=unet.predict),
     pipeline_class="StableDiffusionControlNetPipeline",
-    pipeline_components=functools.partial(
-        unet.pipeline_components,
-        text_components=TEXT_COMPONENTS,
-        extras={"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False},
-    ),
-    save_single_file=unet.save_single_file,
 )

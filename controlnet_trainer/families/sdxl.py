@@ -4,11 +4,10 @@ UNet and the DDPM objective; the VAE stays fp32 unless the user supplies one saf
 from __future__ import annotations
 
 import argparse
-import functools
 
 import torch
 
-from . import Defaults, ModelCard, ModelFamily, Models, TextConditioning, ddpm, token_ids, unet
+from . import Defaults, ModelCard, Models, TextConditioning, token_ids, unet
 
 TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -98,7 +97,9 @@ def is_sdxl_unet(config: dict) -> bool:
     return config.get("addition_embed_type") == "text_time"  # SDXL's pooled-text and size conditioning
 
 
-FAMILY = ModelFamily(
+FAMILY = unet.make_family(
+    text_components=TEXT_COMPONENTS,
+    pipeline_extras={"add_watermarker": False},
     name="sdxl",
     title="SDXL",
     script="train_controlnet_sdxl.py",
@@ -108,19 +109,9 @@ FAMILY = ModelFamily(
     ),
     card=ModelCard(tags=("stable-diffusion-xl", "stable-diffusion-xl-diffusers"), license="openrail++"),
     add_flags=add_flags,
-    denoiser_subfolder="unet",
     is_own_denoiser=is_sdxl_unet,
-    text_components=TEXT_COMPONENTS,
-    load_models=functools.partial(unet.load_models, text_components=TEXT_COMPONENTS),
     place_models=place_models,
-    enable_memory_options=unet.enable_memory_options,
     encode_prompts=encode_prompts,
     added_conditioning=added_conditioning,
-    sample_noise=ddpm.sample_noise,
-    loss=functools.partial(ddpm.diffusion_loss, predict=unet.predict),
     pipeline_class="StableDiffusionXLControlNetPipeline",
-    pipeline_components=functools.partial(
-        unet.pipeline_components, text_components=TEXT_COMPONENTS, extras={"add_watermarker": False}
-    ),
-    save_single_file=unet.save_single_file,
 )

@@ -7,6 +7,7 @@ nothing until a run needs its models.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -17,7 +18,7 @@ import transformers
 
 from ..errors import InputError
 from ..models import ModelError, check_local_path, check_xformers
-from . import Models, TextConditioning
+from . import ModelFamily, Models, TextConditioning, ddpm
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,25 @@ _TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 # What ControlNetModel.from_unet gives a ControlNet built without --controlnet_model_name_or_path.
 _FROM_UNET_EMBEDDING = (16, 32, 96, 256)
+
+
+def make_family(*, text_components: Sequence[tuple[str, str]], pipeline_extras: dict, **own) -> ModelFamily:
+    """A UNet family's record: the parts every UNet family shares (loading, placing, memory options,
+    the DDPM objective with the UNet forward, the pipeline's components, the export layout), plus
+    ``own``, the fields that are the family's alone."""
+    return ModelFamily(
+        denoiser_subfolder="unet",
+        text_components=tuple(text_components),
+        load_models=functools.partial(load_models, text_components=text_components),
+        enable_memory_options=enable_memory_options,
+        sample_noise=ddpm.sample_noise,
+        loss=functools.partial(ddpm.diffusion_loss, predict=predict),
+        pipeline_components=functools.partial(
+            pipeline_components, text_components=text_components, extras=pipeline_extras
+        ),
+        save_single_file=save_single_file,
+        **own,
+    )
 
 
 def load_models(settings, *, text_components: Sequence[tuple[str, str]]) -> Models:
