@@ -1,8 +1,8 @@
 """Tiny, offline, seed-deterministic Stable Diffusion assets for tests, the demo and benchmarks.
 
 Everything is built from random weights: a synthetic "fill" dataset in the style of
-fusing/fill50k, tiny SD 1.x / SDXL pipelines in diffusers format, and ControlNets made from
-their UNets.
+fusing/fill50k, tiny SD 1.x / SDXL / SD3 pipelines in diffusers format, and ControlNets made from
+their UNets or, for SD3, its transformer.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import shutil
+import string
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,12 +27,27 @@ from diffusers import (
     ControlNetModel,
     DDPMScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3ControlNetModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import Unigram
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +79,18 @@ VAE_CHANNELS = (8, 16, 32, 32)
 # backward plus the UNet's, as in SD 1.5 at 512 px (1.12 / 2.33 TFLOP): what caching saves on a
 # real model. The default VAE costs 0.06x, so caching can barely show there.
 SD15_PROPORTIONED_VAE_CHANNELS = (24, 48, 80, 80)
+
+# SD3: 16 latent channels as in SD3's VAE; T5 ids as in t5-v1_1 (<pad>=0, </s>=1, <unk>=2).
+SD3_LATENT_CHANNELS = 16
+T5_PAD_TOKEN, T5_EOS_TOKEN, T5_UNK_TOKEN = "<pad>", "</s>", "<unk>"
+# As diffusers' train_controlnet_sd3.py pads T5 prompts (--max_sequence_length=77).
+T5_MAX_LENGTH = 77
+# Wider than the two CLIP hidden states side by side (2 x 32), so encode_prompt's zero-padding of
+# the CLIP states to the T5 width is real, as in SD3 (768 + 1280 padded to 4096).
+T5_D_MODEL = 96
+# Random encoders centre their latents near zero. SD3's sit off-centre (shift_factor 0.0609);
+# a larger offset makes code that forgets shift_factor visibly wrong in tests.
+SD3_LATENT_OFFSET = 0.5
 
 
 class FillSample(NamedTuple):
@@ -330,14 +358,52 @@ def _build_vae(block_out_channels: tuple[int, ...] = VAE_CHANNELS) -> Autoencode
     vae.quant_conv.weight[LATENT_CHANNELS:] = 0.0
     vae.quant_conv.bias[LATENT_CHANNELS:] = POSTERIOR_LOGVAR
 
-    posterior = vae.encode(_calibration_batch()).latent_dist
+    posterior = _calibration_posterior(vae)
     spread = posterior.mean.std().item()
-    between_images = posterior.mean.std(dim=0).mean().item()
-    if between_images < 0.1 * spread:
-        raise RuntimeError("VAE latents do not depend on the input image")
     # Real SD VAEs scale latents to unit std; training and sampling assume that.
     vae.register_to_config(scaling_factor=1.0 / spread)
     logger.info("VAE scaling_factor=%.4f, posterior std=%.2e", 1.0 / spread, posterior.std.max().item())
+    return vae
+
+
+def _calibration_posterior(vae: AutoencoderKL) -> DiagonalGaussianDistribution:
+    """The VAE's posterior on the calibration batch, checked to depend on the image."""
+    posterior = vae.encode(_calibration_batch()).latent_dist
+    between_images = posterior.mean.std(dim=0).mean().item()
+    if between_images < 0.1 * posterior.mean.std().item():
+        raise RuntimeError("VAE latents do not depend on the input image")
+    return posterior
+
+
+@torch.no_grad()
+def _build_sd3_vae() -> AutoencoderKL:
+    """An SD3-style VAE: 16 latent channels, no quant convs, and latents that
+    ``(mean - shift_factor) * scaling_factor`` brings to zero mean and unit std."""
+    # Four blocks, 8x downsampling as in SD3: 64 px -> 8x8 latents, 4x4 patches of 2.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=VAE_CHANNELS,
+        layers_per_block=1,
+        latent_channels=SD3_LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=64,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    # With no quant_conv, the encoder's last conv yields the posterior: mean half, log-variance half.
+    conv_out = vae.encoder.conv_out
+    conv_out.weight[SD3_LATENT_CHANNELS:] = 0.0
+    conv_out.bias[SD3_LATENT_CHANNELS:] = POSTERIOR_LOGVAR
+    conv_out.bias[:SD3_LATENT_CHANNELS] += SD3_LATENT_OFFSET
+
+    mean = _calibration_posterior(vae).mean
+    shift = mean.mean().item()
+    scaling = 1.0 / (mean - shift).std().item()
+    vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
+    logger.info("SD3 VAE shift_factor=%.4f, scaling_factor=%.4f", shift, scaling)
     return vae
 
 
@@ -428,6 +494,112 @@ def build_tiny_sdxl(path: str | Path, seed: int = 0, *, prediction_type: str = "
     return path
 
 
+def write_t5_tokenizer(directory: Path) -> T5Tokenizer:
+    """A Unigram tokenizer.json in T5's layout, where every caption word is one "▁word" piece.
+
+    Single characters back the words up, so other text splits into characters rather than <unk>.
+    """
+    words = sorted({*COLOURS, *CAPTION_WORDS, *EXTRA_WORDS})
+    specials = [T5_PAD_TOKEN, T5_EOS_TOKEN, T5_UNK_TOKEN]
+    # Unigram picks the segmentation with the highest total score: one word piece (-1) beats
+    # any split into characters (-10 each).
+    pieces = [
+        *((token, 0.0) for token in specials),
+        *((f"▁{word}", -1.0) for word in words),
+        ("▁", -5.0),
+        *((char, -10.0) for char in string.ascii_letters + string.digits + string.punctuation),
+    ]
+    tokenizer = Tokenizer(Unigram(pieces, unk_id=specials.index(T5_UNK_TOKEN), byte_fallback=False))
+    tokenizer.add_special_tokens(specials)
+    # T5's tokenizer.json less its sentencepiece normaliser: split on whitespace, mark word starts
+    # with "▁", and end every sequence with </s>.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    eos_id = specials.index(T5_EOS_TOKEN)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=["$A", T5_EOS_TOKEN],
+        pair=["$A", T5_EOS_TOKEN, "$B", T5_EOS_TOKEN],
+        special_tokens=[(T5_EOS_TOKEN, eos_id)],
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "model_max_length": T5_MAX_LENGTH,
+        "eos_token": T5_EOS_TOKEN,
+        "unk_token": T5_UNK_TOKEN,
+        "pad_token": T5_PAD_TOKEN,
+        # No <extra_id_N> sentinels: they serve T5's span-corruption pretraining, not encoding.
+        "extra_ids": 0,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return T5Tokenizer.from_pretrained(str(directory))
+
+
+def _t5_config(tokenizer: T5Tokenizer) -> T5Config:
+    # A t5-v1_1-style encoder (gated-GELU feed-forward), as SD3's T5-XXL is.
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=T5_D_MODEL,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _sd3_transformer() -> SD3Transformer2DModel:
+    heads, head_dim = 4, 8
+    return SD3Transformer2DModel(
+        sample_size=8,  # latent size of the default 64 px image
+        patch_size=2,
+        in_channels=SD3_LATENT_CHANNELS,
+        out_channels=SD3_LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=T5_D_MODEL,
+        # The text tokens join the image tokens in each block's attention, so share its width.
+        caption_projection_dim=heads * head_dim,
+        # The pipeline concatenates both CLIP encoders' projected pooled outputs.
+        pooled_projection_dim=2 * TEXT_HIDDEN_SIZE,
+        # 16 patches a side: images up to 256 px at 8x downsampling and patches of 2.
+        pos_embed_max_size=16,
+    )
+
+
+def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
+    """A tiny SD3 pipeline: two CLIP encoders with projections, a T5 encoder, an MMDiT transformer
+    and a flow-matching scheduler."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
+    tokenizer_2 = write_tokenizer(path / "tokenizer_2", pad_token="!")  # as real SD3 pads its second one
+    tokenizer_3 = write_t5_tokenizer(path / "tokenizer_3")
+    pipeline = StableDiffusion3Pipeline(
+        transformer=_sd3_transformer(),
+        # SD3's scheduler_config.json: the rest is FlowMatchEulerDiscreteScheduler's defaults.
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=_build_sd3_vae(),
+        text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2)),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=T5EncoderModel(_t5_config(tokenizer_3)),
+        tokenizer_3=tokenizer_3,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
 def copy_with_scheduler(pipeline_dir: str | Path, path: str | Path, **overrides) -> Path:
     """A copy of a pipeline folder whose scheduler config has ``overrides``: the same weights
     under another prediction_type, or few num_train_timesteps so a short run surely draws the
@@ -450,6 +622,16 @@ def build_tiny_controlnet(pipeline_dir: str | Path, path: str | Path) -> Path:
     return Path(path)
 
 
+def build_tiny_sd3_controlnet(pipeline_dir: str | Path, path: str | Path) -> Path:
+    """An SD3 ControlNet initialised from a pipeline's transformer: its first block, so the
+    pipeline spreads one residual over the transformer's two, and no extra conditioning channels
+    (those serve inpainting ControlNets, which take a mask beside the image)."""
+    transformer = SD3Transformer2DModel.from_pretrained(str(pipeline_dir), subfolder="transformer")
+    controlnet = SD3ControlNetModel.from_transformer(transformer, num_layers=1, num_extra_conditioning_channels=0)
+    controlnet.save_pretrained(str(path))
+    return Path(path)
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Build tiny offline Stable Diffusion test assets.")
     parser.add_argument("--output_dir", type=Path, required=True)
@@ -457,6 +639,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sdxl", action="store_true", help="also build a tiny SDXL pipeline and ControlNet")
+    parser.add_argument("--sd3", action="store_true", help="also build a tiny SD3 pipeline and ControlNet")
     parser.add_argument(
         "--all_forms",
         action="store_true",
@@ -483,6 +666,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.sdxl:
         written.append(build_tiny_sdxl(out / "tiny-sdxl", seed=args.seed))
         written.append(build_tiny_controlnet(out / "tiny-sdxl", out / "tiny-controlnet-sdxl"))
+    if args.sd3:
+        written.append(build_tiny_sd3(out / "tiny-sd3", seed=args.seed))
+        written.append(build_tiny_sd3_controlnet(out / "tiny-sd3", out / "tiny-controlnet-sd3"))
     for item in written:
         print(f"wrote {item}")
 

@@ -76,6 +76,17 @@ def sdxl_assets(tmp_path_factory, assets) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD3 pipeline and its ControlNet; ``assets | tiny_sd3`` adds the fill data. Built apart
+    from ``assets`` so modules that define their own ``assets`` can use it too."""
+    root = tmp_path_factory.mktemp("assets-sd3")
+    return {
+        "sd3": fixtures.build_tiny_sd3(root / "tiny-sd3"),
+        "controlnet_sd3": fixtures.build_tiny_sd3_controlnet(root / "tiny-sd3", root / "tiny-controlnet-sd3"),
+    }
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""

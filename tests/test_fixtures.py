@@ -14,13 +14,17 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    SD3ControlNetModel,
+    SD3Transformer2DModel,
+    StableDiffusion3ControlNetPipeline,
+    StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTokenizer
+from transformers import AutoTokenizer, CLIPTokenizer, T5TokenizerFast
 
 from controlnet_trainer import fixtures
 
@@ -33,8 +37,9 @@ def assets(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("assets")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        fixtures.main(["--output_dir", str(out), "--num_rows", "6", "--sdxl"])
-    for name in ("fill", "tiny-sd", "tiny-controlnet", "tiny-sdxl", "tiny-controlnet-sdxl"):
+        fixtures.main(["--output_dir", str(out), "--num_rows", "6", "--sdxl", "--sd3"])
+    sd3 = ("tiny-sd3", "tiny-controlnet-sd3")
+    for name in ("fill", "tiny-sd", "tiny-controlnet", "tiny-sdxl", "tiny-controlnet-sdxl", *sd3):
         assert (out / name).is_dir()
         assert name in printed.getvalue()
     return out
@@ -207,3 +212,110 @@ def test_sd15_proportioned_vae_costs_what_sd15_encoding_costs(tmp_path):
     scale = vae.config.scaling_factor  # calibrated like the default VAE
     latent = vae.encode(fixtures._calibration_batch()).latent_dist.mean * scale
     assert latent.std().item() == pytest.approx(1.0, rel=0.01)
+
+
+# A StableDiffusion3Pipeline folder: the transformer, VAE, scheduler and three text encoders.
+SD3_FOLDERS = {
+    "transformer",
+    "vae",
+    "scheduler",
+    *(f"{part}{n}" for part in ("text_encoder", "tokenizer") for n in ("", "_2", "_3")),
+}
+
+
+def test_sd3_pipeline_folder_and_build_are_deterministic(assets, tiny_sd3):
+    folder = tiny_sd3["sd3"]
+    assert {p.name for p in folder.iterdir() if p.is_dir()} == SD3_FOLDERS
+    assert (folder / "model_index.json").is_file()
+
+    def weights(path: Path) -> torch.Tensor:
+        return SD3Transformer2DModel.from_pretrained(str(path), subfolder="transformer").pos_embed.proj.weight
+
+    # The CLI's tiny-sd3 and the session's are both built from seed 0.
+    assert torch.equal(weights(assets / "tiny-sd3"), weights(folder))
+
+
+def test_t5_tokenizer_encodes_caption_words_to_distinct_ids_and_pads(tiny_sd3):
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_sd3["sd3"]), subfolder="tokenizer_3")
+    assert tokenizer.model_max_length == fixtures.T5_MAX_LENGTH
+    assert (tokenizer.pad_token, tokenizer.pad_token_id) == ("<pad>", 0)
+    assert tokenizer.eos_token == "</s>"
+    words = [*fixtures.COLOURS, *fixtures.CAPTION_WORDS, *fixtures.EXTRA_WORDS]
+    word_ids = {}
+    for word in words:
+        ids = tokenizer(word).input_ids
+        assert tokenizer.convert_ids_to_tokens(ids) == [f"▁{word}", "</s>"]
+        word_ids[word] = ids[0]
+    assert len(set(word_ids.values())) == len(words)
+    assert tokenizer.unk_token_id not in word_ids.values()
+
+    caption = "red circle with blue background"
+    ids = tokenizer(caption).input_ids
+    assert ids == [word_ids[w] for w in caption.split()] + [tokenizer.eos_token_id]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == caption
+    padded = tokenizer(caption, padding="max_length", truncation=True, max_length=tokenizer.model_max_length)
+    assert padded.input_ids == ids + [0] * (fixtures.T5_MAX_LENGTH - len(ids))
+    assert sum(padded.attention_mask) == len(ids)
+    # Other words split into characters rather than vanishing into <unk>.
+    assert tokenizer.unk_token_id not in tokenizer("Dodecagon 12").input_ids
+    fast = T5TokenizerFast.from_pretrained(str(tiny_sd3["sd3"] / "tokenizer_3"))
+    assert fast(caption, padding="max_length", max_length=fast.model_max_length).input_ids == padded.input_ids
+
+
+def test_sd3_vae_shift_and_scaling_centre_latents(tiny_sd3):
+    vae = AutoencoderKL.from_pretrained(str(tiny_sd3["sd3"]), subfolder="vae")
+    # The pipeline's vae_scale_factor: 64 px -> 8x8 latents, a whole number of 2x2 patches.
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 8
+    _, images = _fill_batch(seed=99, count=32)  # different images from the calibration set
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    assert posterior.mean.shape == (32, fixtures.SD3_LATENT_CHANNELS, 8, 8)
+    assert posterior.std.max() < 1e-3
+    shift, scaling = vae.config.shift_factor, vae.config.scaling_factor
+    latents = (posterior.mean - shift) * scaling
+    assert abs(latents.mean().item()) < 0.1
+    assert 0.8 < latents.std().item() < 1.25
+    assert latents.std(dim=0).mean() > 0.1  # latents carry the image
+    # Raw latents are off-centre and narrow: without the shift and scaling both checks above fail.
+    assert abs(posterior.mean.mean().item()) > 0.3
+    assert posterior.mean.std().item() < 0.5
+
+
+def test_sd3_controlnet_pipeline_generates(tiny_sd3):
+    controlnet = SD3ControlNetModel.from_pretrained(str(tiny_sd3["controlnet_sd3"]))
+    assert controlnet.config.num_layers == 1 and controlnet.config.extra_conditioning_channels == 0
+    pipe = StableDiffusion3ControlNetPipeline.from_pretrained(str(tiny_sd3["sd3"]), controlnet=controlnet)
+    assert pipe.scheduler.config.shift == 3.0
+    sample = fixtures.fill_sample(np.random.default_rng(2), 64)
+    length = fixtures.T5_MAX_LENGTH
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+        sample.text, None, None, do_classifier_free_guidance=False, max_sequence_length=length
+    )
+    # Both CLIP states (77 tokens, 32 + 32 wide) zero-padded to the T5 width, then T5's 77 tokens.
+    clip_width = 2 * fixtures.TEXT_HIDDEN_SIZE
+    assert prompt_embeds.shape == (1, fixtures.MODEL_MAX_LENGTH + length, fixtures.T5_D_MODEL)
+    assert torch.all(prompt_embeds[:, : fixtures.MODEL_MAX_LENGTH, clip_width:] == 0)
+    assert pooled.shape == (1, clip_width)
+    output = pipe(
+        sample.text,
+        control_image=sample.conditioning_image,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        max_sequence_length=length,
+        output_type="np",
+    )
+    assert output.images.shape == (1, 64, 64, 3)
+
+
+def test_sd3_pipeline_generates_without_t5(tiny_sd3):
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3["sd3"]), text_encoder_3=None, tokenizer_3=None)
+    length = fixtures.T5_MAX_LENGTH
+    prompt_embeds, *_ = pipe.encode_prompt(
+        "blue circle", None, None, do_classifier_free_guidance=False, max_sequence_length=length
+    )
+    assert torch.all(prompt_embeds[:, fixtures.MODEL_MAX_LENGTH :] == 0)  # T5's place is zeros
+    output = pipe(
+        "blue circle", num_inference_steps=2, height=64, width=64, max_sequence_length=length, output_type="np"
+    )
+    assert output.images.shape == (1, 64, 64, 3)
