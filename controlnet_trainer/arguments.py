@@ -11,7 +11,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
-from .errors import InputError
+from .errors import ArgumentError
 from .families import ModelFamily
 from .settings import Settings
 
@@ -23,10 +23,6 @@ LR_SCHEDULERS = (
     "constant",
     "constant_with_warmup",
 )
-
-
-class ArgumentError(InputError):
-    """A flag or a combination of flags that cannot work; the message says how to fix it."""
 
 
 TRAINED_CONTROLNET_HELP = (
@@ -66,7 +62,7 @@ def add_model_flags(group, *, controlnet_help: str) -> None:
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are stored.")
 
 
-def _output_group(parser: argparse.ArgumentParser, project_name: str) -> None:
+def _output_group(parser: argparse.ArgumentParser, family: ModelFamily) -> None:
     group = parser.add_argument_group("output and logging")
     group.add_argument(
         "--output_dir",
@@ -90,7 +86,7 @@ def _output_group(parser: argparse.ArgumentParser, project_name: str) -> None:
     group.add_argument(
         "--tracker_project_name",
         type=str,
-        default=project_name,
+        default=family.defaults.tracker_project_name,
         help="Project name passed to the trackers.",
     )
     group.add_argument("--seed", type=int, default=None, help="A seed for reproducible training.")
@@ -101,12 +97,13 @@ def _output_group(parser: argparse.ArgumentParser, project_name: str) -> None:
         help="Read the loss back from the accelerator and log it every this many steps (each read "
         "waits for the GPU; the logged loss is the mean since the last log).",
     )
-    group.add_argument(
-        "--save_single_file",
-        action="store_true",
-        help="Also save the final ControlNet as one controlnet.safetensors in the original layout "
-        "that AUTOMATIC1111 and ComfyUI load.",
-    )
+    if family.save_single_file is not None:
+        group.add_argument(
+            "--save_single_file",
+            action="store_true",
+            help="Also save the final ControlNet as one controlnet.safetensors in the original layout "
+            "that AUTOMATIC1111 and ComfyUI load.",
+        )
     group.add_argument(
         "--dry_run",
         action="store_true",
@@ -160,23 +157,6 @@ def _schedule_group(parser: argparse.ArgumentParser, resolution: int) -> None:
         "Not under FSDP, where it would hold a full copy on every GPU.",
     )
     group.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay (with --use_ema).")
-    group.add_argument(
-        "--noise_offset",
-        type=float,
-        default=0.0,
-        help="Add this much per-channel offset noise (0.05-0.1 helps very dark or bright images).",
-    )
-    group.add_argument(
-        "--rescale_betas_zero_snr",
-        action="store_true",
-        help="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023); for v-prediction models.",
-    )
-    group.add_argument(
-        "--snr_gamma",
-        type=float,
-        default=None,
-        help="Min-SNR loss weighting gamma (5.0 is the paper's choice); off when absent.",
-    )
 
 
 def _checkpoint_group(parser: argparse.ArgumentParser) -> None:
@@ -403,7 +383,7 @@ def build_parser(family: ModelFamily) -> argparse.ArgumentParser:
     """The one parser: the shared groups with the family's defaults, plus the family's own group."""
     parser = argparse.ArgumentParser(description=family.description)
     _model_group(parser)
-    _output_group(parser, family.defaults.tracker_project_name)
+    _output_group(parser, family)
     _schedule_group(parser, family.defaults.resolution)
     _checkpoint_group(parser)
     _speed_group(parser)
@@ -454,8 +434,6 @@ def check_args(args: argparse.Namespace) -> None:
     _check_streaming(args)
     _check_buckets(args)
     _check_folders(args)
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
-        raise ArgumentError(f"`--snr_gamma` must be positive (5.0 is typical), got {args.snr_gamma}.")
     # Last: it imports accelerate (and torch), which the checks above answer without.
     _check_tracker(args.report_to)
 
@@ -579,6 +557,8 @@ def parse_args(argv: Sequence[str] | None, family: ModelFamily) -> argparse.Name
     """Parse and check the flags of the family's training script."""
     args = build_parser(family).parse_args(argv)
     check_args(args)
+    if family.check_flags is not None:
+        family.check_flags(args)
     return args
 
 

@@ -30,7 +30,7 @@ from huggingface_hub import constants as hub_constants
 from . import data
 from .buckets import Bucket
 from .errors import InputError
-from .families import ModelFamily, Models, TextConditioning
+from .families import ModelFamily, Models, TextConditioning, to_latents
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ def cache_key(
         # The encoders run in the mixed-precision dtype: a bf16 run's cache is not an fp32 run's.
         "dtypes": [str(models.vae.dtype), *(str(encoder.dtype) for encoder in models.text_encoders)],
     }
+    if models.text_options:  # SD3's T5 length and use
+        inputs["text_options"] = models.text_options
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -101,15 +103,16 @@ class EmbeddingCache:
     text_pooled: np.ndarray | None
     caption_ids: list[list[int]] | None  # per row, per caption: a row of text_hidden (0 is "")
 
-    def latents(self, index: int, generator: torch.Generator, scaling_factor: float) -> torch.Tensor:
-        """A fresh sample of row ``index``'s posterior (batch of 1), as ``latent_dist.sample()`` draws it."""
+    def latents(self, index: int, generator: torch.Generator, vae) -> torch.Tensor:
+        """A fresh sample of row ``index``'s posterior (batch of 1), as ``latent_dist.sample()`` draws
+        it, in ``vae``'s latent space (shifted and scaled)."""
         group, position = self.latent_slots[index].tolist()
         device = generator.device
         rows = [position]  # a list index copies out of the read-only memory map
         mean = _tensor(self.latent_means[group][rows]).to(device, non_blocking=True).float()
         std = _tensor(self.latent_stds[group][rows]).to(device, non_blocking=True).float()
         noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype)
-        return (mean + std * noise) * scaling_factor
+        return to_latents(vae, mean + std * noise)
 
     def text(self, indices: list[int], picks: list[int], device: torch.device) -> TextConditioning:
         """Embeddings of the chosen captions; -1 (dropped) takes the empty prompt's."""

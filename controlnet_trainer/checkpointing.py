@@ -21,7 +21,6 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
-from diffusers import ControlNetModel
 from diffusers.training_utils import EMAModel
 
 from . import sharding
@@ -79,14 +78,16 @@ def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None = None) 
         controlnet = None
         while models:
             controlnet = accelerator.unwrap_model(models.pop())
-            loaded = ControlNetModel.from_pretrained(input_dir, subfolder="controlnet")
+            model_class = sharding.controlnet_class(controlnet.config)
+            loaded = model_class.from_pretrained(input_dir, subfolder="controlnet")
             controlnet.register_to_config(**loaded.config)
             controlnet.load_state_dict(loaded.state_dict())
             del loaded
         if ema is None:
             return
         if (Path(input_dir) / "controlnet_ema").is_dir():
-            saved = EMAModel.from_pretrained(Path(input_dir) / "controlnet_ema", model_cls=ControlNetModel)
+            model_class = sharding.controlnet_class(controlnet.config)
+            saved = EMAModel.from_pretrained(Path(input_dir) / "controlnet_ema", model_cls=model_class)
             ema.load_state_dict(saved.state_dict())
             del saved
         else:  # saved without --use_ema, by this trainer or by diffusers' script

@@ -10,3 +10,7 @@ class InputError(ValueError):
 
 class TrainingError(InputError):
     """Training cannot go on; the message says why and what was kept."""
+
+
+class ArgumentError(InputError):
+    """A flag or a combination of flags that cannot work; the message says how to fix it."""

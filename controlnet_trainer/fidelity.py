@@ -46,7 +46,7 @@ from torchvision.transforms import v2
 from . import data, datasources, families, integrity, sharding
 from .arguments import add_dataset_flags, add_model_flags
 from .errors import InputError
-from .families import ModelFamily, Models, TextConditioning
+from .families import ModelFamily, Models, TextConditioning, to_latents
 from .families.sdxl import INTERPOLATION_MODES
 from .models import check_base_model, load_models, mixed_precision_autocast
 from .plan import DTYPES
@@ -136,20 +136,28 @@ def _encode(
     *,
     resolution: int,
     crop_override: tuple[int, int] | None,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Latents, prompt embeddings and SDXL added conditioning of one batch, as fp32 on the CPU."""
+) -> dict[str, torch.Tensor]:
+    """One batch as the probe holds it, fp32 on the CPU: latents, prompt embeddings (and pooled
+    ones), the conditioning images and blank ones as the ControlNet takes them, and SDXL's added
+    conditioning (keys ``added.<name>``)."""
     vae = models.vae
     pixels = batch["pixel_values"].to(vae.device, vae.dtype)
-    # The posterior mean, not a sample: the probe must not change between evaluations.
-    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    # Posterior means, not samples: the probe must not change between evaluations.
+    latents = to_latents(vae, vae.encode(pixels).latent_dist.mean)
+    conditioning = batch["conditioning_pixel_values"].to(vae.device, vae.dtype)
     prompts = [captions[0] for captions in batch["captions"]]
     text = family.encode_prompts(models, prompts)
     added = family.added_conditioning(text, batch, resolution=resolution, crop_override=crop_override)
-    return (
-        latents.float().cpu(),
-        text.encoder_hidden_states.float().cpu(),
-        {name: value.float().cpu() for name, value in (added or {}).items()},
-    )
+    encoded = {
+        "latents": latents,
+        "hidden": text.encoder_hidden_states,
+        "conditioning": family.encode_control(models, conditioning, None),
+        "blank": family.encode_control(models, torch.zeros_like(conditioning), None),
+    }
+    if text.pooled is not None:
+        encoded["pooled"] = text.pooled
+    encoded |= {f"added.{name}": value for name, value in (added or {}).items()}
+    return {name: value.float().cpu() for name, value in encoded.items()}
 
 
 def _encode_in_batches(
@@ -160,7 +168,7 @@ def _encode_in_batches(
     batch_size: int,
     resolution: int,
     crop_override: tuple[int, int] | None,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+) -> dict[str, torch.Tensor]:
     """``_encode`` over the whole set, a few samples at a time to bound the VAE's memory."""
     count = len(batch["captions"])
     parts = [
@@ -173,8 +181,7 @@ def _encode_in_batches(
         )
         for start in range(0, count, batch_size)
     ]
-    latents, hidden, added = zip(*parts)
-    return torch.cat(latents), torch.cat(hidden), {name: torch.cat([a[name] for a in added]) for name in added[0]}
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -191,8 +198,11 @@ class FidelityProbe:
     weight_dtype: torch.dtype
     latents: torch.Tensor = dataclasses.field(repr=False)
     encoder_hidden_states: torch.Tensor = dataclasses.field(repr=False)
+    pooled: torch.Tensor | None = dataclasses.field(repr=False)  # SDXL's and SD3's pooled prompt
     added_conditioning: dict[str, torch.Tensor] = dataclasses.field(repr=False)
+    # The conditioning images, and blank (black) ones, as the ControlNet takes them.
     conditioning: torch.Tensor = dataclasses.field(repr=False)
+    blank: torch.Tensor = dataclasses.field(repr=False)
     mismatched_index: torch.Tensor = dataclasses.field(repr=False)
     item_sample: torch.Tensor = dataclasses.field(repr=False)
     timesteps: torch.Tensor = dataclasses.field(repr=False)
@@ -230,24 +240,29 @@ class FidelityProbe:
             )
         if timesteps_per_sample < 1:
             raise InputError(f"timesteps_per_sample must be at least 1, got {timesteps_per_sample}.")
-        latents, hidden, added = _encode_in_batches(
+        encoded = _encode_in_batches(
             models, family, batch, batch_size=batch_size, resolution=resolution, crop_override=crop_override
         )
+        latents = encoded["latents"]
         generator = torch.Generator().manual_seed(seed)
         num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
-        timesteps = fixed_timesteps(count, timesteps_per_sample, num_train_timesteps, generator)
+        positions = fixed_timesteps(count, timesteps_per_sample, num_train_timesteps, generator)
         noise = torch.randn((count * timesteps_per_sample, *latents.shape[1:]), generator=generator)
         return cls(
             models=models,
             family=family,
             weight_dtype=weight_dtype,
             latents=latents,
-            encoder_hidden_states=hidden,
-            added_conditioning=added,
-            conditioning=batch["conditioning_pixel_values"].float().cpu(),
+            encoder_hidden_states=encoded["hidden"],
+            pooled=encoded.get("pooled"),
+            added_conditioning={
+                name.removeprefix("added."): value for name, value in encoded.items() if name.startswith("added.")
+            },
+            conditioning=encoded["conditioning"],
+            blank=encoded["blank"],
             mismatched_index=torch.roll(torch.arange(count), -1),
             item_sample=torch.arange(count).repeat_interleave(timesteps_per_sample),
-            timesteps=timesteps.flatten(),
+            timesteps=family.schedule_timesteps(models, positions.flatten()),
             noise=noise,
         )
 
@@ -294,13 +309,16 @@ class FidelityProbe:
         dtype = self.weight_dtype
         samples = self.item_sample[items]
         matched = self.conditioning[samples]
-        images = (matched, self.conditioning[self.mismatched_index[samples]], torch.zeros_like(matched), None)
+        images = (matched, self.conditioning[self.mismatched_index[samples]], self.blank[samples], None)
         added = {name: value[samples].to(device, dtype) for name, value in self.added_conditioning.items()}
         common = {
             "latents": self.latents[samples].to(device, dtype),
             "noise": self.noise[items].to(device, dtype),
             "timesteps": self.timesteps[items].to(device),
-            "text": TextConditioning(self.encoder_hidden_states[samples].to(device, dtype)),
+            "text": TextConditioning(
+                self.encoder_hidden_states[samples].to(device, dtype),
+                None if self.pooled is None else self.pooled[samples].to(device, dtype),
+            ),
             "added_cond_kwargs": added or None,
             "weight_dtype": dtype,
             "reduce": False,
@@ -392,7 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
         "baseline, whose four losses are equal.",
     )
     models.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None)
-    models.add_argument("--sdxl", action="store_true", help="The base model is SDXL.")
+    models.add_argument(
+        "--family",
+        type=str,
+        default=None,
+        choices=families.names(),
+        help="The base model's family: sd (default), sdxl or sd3, as the training script that made the ControlNet.",
+    )
+    models.add_argument("--sdxl", action="store_true", help="The base model is SDXL (--family=sdxl).")
+    models.add_argument(
+        "--max_sequence_length", type=int, default=77, help="SD3: the T5 prompt length the ControlNet trained with."
+    )
+    models.add_argument("--drop_t5", action="store_true", help="SD3: the ControlNet trained without T5.")
     models.add_argument(
         "--mixed_precision",
         type=str,
@@ -402,13 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dataset = parser.add_argument_group("data")
     add_dataset_flags(dataset)
-    dataset.add_argument("--resolution", type=int, default=None, help="Default: 512, or 1024 with --sdxl.")
+    dataset.add_argument("--resolution", type=int, default=None, help="Default: the family's (512; 1024 for SDXL).")
     dataset.add_argument(
         "--image_interpolation_mode",
         type=str,
         default=None,
         choices=INTERPOLATION_MODES,
-        help="Default: bilinear, or lanczos with --sdxl, as in training.",
+        help="Default: bilinear, or lanczos for SDXL, as in training.",
     )
     dataset.add_argument("--crops_coords_top_left_h", type=int, default=None)
     dataset.add_argument("--crops_coords_top_left_w", type=int, default=None)
@@ -438,7 +467,7 @@ def check_args(args: argparse.Namespace) -> None:
 def resolve(args: argparse.Namespace) -> tuple[ModelFamily, Settings]:
     """The family and the settings of the command line, with the training scripts' defaults for
     the family: 512 px and bilinear, or 1024 px and lanczos for SDXL."""
-    family = families.by_name("sdxl" if args.sdxl else "sd")
+    family = families.by_name(args.family or ("sdxl" if args.sdxl else "sd"))
     defaults = family.defaults
     values = vars(args) | {
         "resolution": args.resolution or defaults.resolution,
@@ -447,8 +476,12 @@ def resolve(args: argparse.Namespace) -> tuple[ModelFamily, Settings]:
     return family, Settings.from_namespace(argparse.Namespace(**values))
 
 
-def _sdxl_flag_fix(owner: ModelFamily) -> str:
-    return "Add --sdxl." if owner.name == "sdxl" else "Drop --sdxl."
+def _family_flag_fix(owner: ModelFamily) -> str:
+    if owner.name == "sdxl":
+        return "Add --sdxl."
+    if owner.name == "sd":
+        return "Drop --sdxl."
+    return f"Pass --family={owner.name}."
 
 
 def evaluate_saved(args: argparse.Namespace, accelerator: Accelerator) -> FidelityResult:
@@ -457,7 +490,7 @@ def evaluate_saved(args: argparse.Namespace, accelerator: Accelerator) -> Fideli
     The first rows, not a random draw, so that anyone can name exactly what was scored.
     """
     family, settings = resolve(args)
-    check_base_model(settings.model, family, fix=_sdxl_flag_fix)
+    check_base_model(settings.model, family, fix=_family_flag_fix)
     mode = v2.InterpolationMode[settings.data.image_interpolation_mode.upper()]
     transform = data.PairedTransform(settings.data.resolution, mode)
     with accelerator.main_process_first():
@@ -470,7 +503,7 @@ def evaluate_saved(args: argparse.Namespace, accelerator: Accelerator) -> Fideli
         models,
         device=device,
         weight_dtype=weight_dtype,
-        custom_vae=bool(settings.model.pretrained_vae_model_name_or_path),
+        settings=settings.model,
     )
     models.controlnet.to(device)
     probe = FidelityProbe.build(

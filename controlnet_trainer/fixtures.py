@@ -556,6 +556,9 @@ def _t5_config(tokenizer: T5Tokenizer) -> T5Config:
     )
 
 
+SD3_LAYERS = 24
+
+
 def _sd3_transformer() -> SD3Transformer2DModel:
     heads, head_dim = 4, 8
     return SD3Transformer2DModel(
@@ -563,7 +566,9 @@ def _sd3_transformer() -> SD3Transformer2DModel:
         patch_size=2,
         in_channels=SD3_LATENT_CHANNELS,
         out_channels=SD3_LATENT_CHANNELS,
-        num_layers=2,
+        # SD3 Medium's depth: a ControlNet built by from_transformer (12 blocks) then feeds every
+        # pair of transformer blocks, as on the real model.
+        num_layers=SD3_LAYERS,
         attention_head_dim=head_dim,
         num_attention_heads=heads,
         joint_attention_dim=T5_D_MODEL,
@@ -623,11 +628,11 @@ def build_tiny_controlnet(pipeline_dir: str | Path, path: str | Path) -> Path:
 
 
 def build_tiny_sd3_controlnet(pipeline_dir: str | Path, path: str | Path) -> Path:
-    """An SD3 ControlNet initialised from a pipeline's transformer: its first block, so the
-    pipeline spreads one residual over the transformer's two, and no extra conditioning channels
-    (those serve inpainting ControlNets, which take a mask beside the image)."""
+    """An SD3 ControlNet initialised from a pipeline's transformer as train_controlnet_sd3.py builds
+    one: its first 12 blocks, and no extra conditioning channels (those serve inpainting
+    ControlNets, which take a mask beside the image)."""
     transformer = SD3Transformer2DModel.from_pretrained(str(pipeline_dir), subfolder="transformer")
-    controlnet = SD3ControlNetModel.from_transformer(transformer, num_layers=1, num_extra_conditioning_channels=0)
+    controlnet = SD3ControlNetModel.from_transformer(transformer, num_extra_conditioning_channels=0)
     controlnet.save_pretrained(str(path))
     return Path(path)
 

@@ -41,8 +41,8 @@ def model_description(
         + ").",
         "",
         "```python",
-        f"from diffusers import ControlNetModel, {pipeline}",
-        'controlnet = ControlNetModel.from_pretrained("<this repo or folder>")',
+        f"from diffusers import {family.card.controlnet_class}, {pipeline}",
+        f'controlnet = {family.card.controlnet_class}.from_pretrained("<this repo or folder>")',
         f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)',
         "```",
     ]

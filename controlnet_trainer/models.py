@@ -4,6 +4,7 @@ and the evaluation contexts (eager modules, autocast)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -48,13 +49,12 @@ def check_base_model(
     """A base model of another family (the SD script given an SDXL model, or the reverse) fails
     here with the fix, from the denoiser's config alone, instead of deep in a tokenizer or at the
     first step. ``fix`` says what to do given the family the model belongs to."""
-    from . import families
-
     base = settings.pretrained_model_name_or_path
     check_local_path(base, "--pretrained_model_name_or_path")
     try:
         config = _denoiser_config(settings, family.denoiser_subfolder)
     except OSError as error:
+        _check_other_families(settings, family, None, fix)
         raise ModelError(
             f"`--pretrained_model_name_or_path` {base!r} is not a diffusers pipeline that can be read "
             f"({' '.join(str(error).split())}). Point it at a {family.title} pipeline in diffusers "
@@ -63,37 +63,50 @@ def check_base_model(
         ) from error
     if family.is_own_denoiser(config):
         return
-    for other in map(families.by_name, families.names()):
-        if other is family:
-            continue
-        other_config = config
-        if other.denoiser_subfolder != family.denoiser_subfolder:
-            try:
-                other_config = _denoiser_config(settings, other.denoiser_subfolder)
-            except OSError:
-                continue
-        if other.is_own_denoiser(other_config):
-            raise ModelError(
-                f"`--pretrained_model_name_or_path` {base!r} is {_article(other.title)} {other.title} model "
-                f"(read from its {other.denoiser_subfolder}/config.json), but it was given to the "
-                f"{family.title} code path. {fix(other)}"
-            )
+    _check_other_families(settings, family, config, fix)
     raise ModelError(
         f"`--pretrained_model_name_or_path` {base!r} is not a {family.title} model: its "
         f"{family.denoiser_subfolder}/config.json does not describe one. Point it at a {family.title} pipeline."
     )
 
 
+def _check_other_families(
+    settings: ModelSettings, family: ModelFamily, config: dict | None, fix: Callable[[ModelFamily], str]
+) -> None:
+    """Raise the fix if the base model belongs to another family; ``config`` is the denoiser config
+    read from ``family``'s subfolder (None where there is none)."""
+    from . import families
+
+    for other in map(families.by_name, families.names()):
+        if other is family:
+            continue
+        other_config = config
+        if other.denoiser_subfolder != family.denoiser_subfolder or config is None:
+            try:
+                other_config = _denoiser_config(settings, other.denoiser_subfolder)
+            except OSError:
+                continue
+        if other.is_own_denoiser(other_config):
+            raise ModelError(
+                f"`--pretrained_model_name_or_path` {settings.pretrained_model_name_or_path!r} is "
+                f"{_article(other.title)} {other.title} model (read from its {other.denoiser_subfolder}/config.json), "
+                f"but it was given to the {family.title} code path. {fix(other)}"
+            )
+
+
 def _denoiser_config(settings: ModelSettings, subfolder: str) -> dict:
     """The config.json of the base model's denoiser; OSError if there is none to read."""
-    from diffusers.configuration_utils import ConfigMixin
-
-    class _Reader(ConfigMixin):
-        config_name = "config.json"
-
-    return _Reader.load_config(
+    return _config_reader().load_config(
         settings.pretrained_model_name_or_path, subfolder=subfolder, revision=settings.revision, cache_dir=settings.cache_dir
     )
+
+
+@functools.cache
+def _config_reader() -> type:
+    """A diffusers config loader for any model's config.json (diffusers imports on first use)."""
+    from diffusers.configuration_utils import ConfigMixin
+
+    return type("ConfigReader", (ConfigMixin,), {"config_name": "config.json"})
 
 
 def _article(title: str) -> str:

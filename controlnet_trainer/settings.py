@@ -28,6 +28,11 @@ class ModelSettings:
     cache_dir: str | None = None
     pretrained_vae_model_name_or_path: str | None = None
     rescale_betas_zero_snr: bool = False
+    # SD3: the ControlNet's extra input channels, the T5 prompt length, T5 left out, an fp32 VAE.
+    num_extra_conditioning_channels: int = 0
+    max_sequence_length: int = 77
+    drop_t5: bool = False
+    upcast_vae: bool = False
 
     def named_flags(self) -> list[str]:
         """The flags that chose the models, for messages about a failed load."""
@@ -98,8 +103,15 @@ class OptimizerSettings:
 class ObjectiveSettings:
     """How the training loss is drawn and weighted."""
 
+    # DDPM (SD, SDXL)
     noise_offset: float = 0.0
     snr_gamma: float | None = None
+    # Flow matching (SD3): the timestep density, the loss weighting and the preconditioning.
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    precondition_outputs: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

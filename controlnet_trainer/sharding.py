@@ -13,10 +13,10 @@ fine-tune with them); a save gathers the fp32 partitions instead.
 
 from __future__ import annotations
 
+import diffusers
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from diffusers import ControlNetModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 
@@ -79,10 +79,16 @@ def gather_weights(model: torch.nn.Module, *, every_rank: bool) -> dict[str, tor
     return weights if every_rank or torch.distributed.get_rank() == 0 else None
 
 
-def plain_copy(config, weights: dict[str, torch.Tensor]) -> ControlNetModel:
-    """A ControlNetModel holding ``weights`` where they lie, built without initialising weights
-    it would replace."""
+def controlnet_class(config) -> type:
+    """The diffusers class a ControlNet's config names (ControlNetModel, SD3ControlNetModel), which
+    a wrapped module's own type (FSDP's subclass) may hide."""
+    return getattr(diffusers, config["_class_name"])
+
+
+def plain_copy(config, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A ControlNet of ``config``'s class holding ``weights`` where they lie, built without
+    initialising weights it would replace."""
     with torch.device("meta"):
-        copy = ControlNetModel.from_config(config)
+        copy = controlnet_class(config).from_config(config)
     copy.load_state_dict(weights, assign=True)  # strict: a missing or extra key is an error
     return copy

@@ -8,7 +8,7 @@ import torch
 
 from . import data
 from .cache import EmbeddingCache
-from .families import ModelFamily, Models, TextConditioning
+from .families import ModelFamily, Models, TextConditioning, to_latents
 from .settings import DataSettings, ObjectiveSettings
 
 
@@ -46,18 +46,18 @@ def encode_batch(
         data.choose_caption(options, proportion_empty_prompts, generator)
         for options, generator in zip(batch["captions"], cpu_generators, strict=True)
     ]
-    scaling = models.vae.config.scaling_factor
+    vae = models.vae
     with torch.no_grad():
         if embeddings is not None and embeddings.latent_slots is not None:
             latents = torch.cat(
                 [
-                    embeddings.latents(index, generator, scaling)
+                    embeddings.latents(index, generator, vae)
                     for index, generator in zip(batch["index"], device_generators, strict=True)
                 ]
             )
         else:
-            pixels = batch["pixel_values"].to(models.vae.device, models.vae.dtype, non_blocking=True)
-            latents = models.vae.encode(pixels).latent_dist.sample(generator=device_generators) * scaling
+            pixels = batch["pixel_values"].to(vae.device, vae.dtype, non_blocking=True)
+            latents = to_latents(vae, vae.encode(pixels).latent_dist.sample(generator=device_generators))
         if embeddings is not None and embeddings.text_hidden is not None:
             text = embeddings.text(batch["index"], picks, latents.device)
         else:
@@ -87,6 +87,9 @@ def micro_batch_loss(
         weight_dtype=weight_dtype,
         embeddings=embeddings,
     )
+    with torch.no_grad():
+        pixels = batch["conditioning_pixel_values"].to(latents.device, weight_dtype, non_blocking=True)
+        controlnet_image = family.encode_control(models, pixels, generators[1])
     per_sample = [
         family.sample_noise(models, latents[i : i + 1], generator, objective)
         for i, generator in enumerate(generators[1])
@@ -98,10 +101,10 @@ def micro_batch_loss(
         noise=torch.cat([noise for noise, _ in per_sample]),
         timesteps=torch.cat([timesteps for _, timesteps in per_sample]),
         text=text,
-        controlnet_image=batch["conditioning_pixel_values"].to(latents.device, weight_dtype, non_blocking=True),
+        controlnet_image=controlnet_image,
         added_cond_kwargs=family.added_conditioning(
             text, batch, resolution=data_settings.resolution, crop_override=data_settings.crop_override
         ),
         weight_dtype=weight_dtype,
-        snr_gamma=objective.snr_gamma,
+        objective=objective,
     )

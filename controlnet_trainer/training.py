@@ -15,6 +15,7 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import (
     DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
     DistributedType,
     InitProcessGroupKwargs,
     ProjectConfiguration,
@@ -83,7 +84,7 @@ def train(settings: Settings, family: ModelFamily) -> RunResult:
         models,
         device=accelerator.device,
         weight_dtype=plan.weight_dtype,
-        custom_vae=bool(settings.model.pretrained_vae_model_name_or_path),
+        settings=settings.model,
     )
     family.enable_memory_options(models, settings.memory, accelerator.device)
     clock.lap("models")
@@ -103,7 +104,7 @@ def train(settings: Settings, family: ModelFamily) -> RunResult:
         clock.lap("fidelity_probe")
     row_buckets = None if sampler is None else sampler.buckets_of_samples
     embeddings = cache.prepare_cache(accelerator, settings, family, models, rows, transform, row_buckets)
-    offloaded = offload_cached_encoders(settings.memory, models)
+    offloaded = offload_cached_encoders(settings.memory, models, keep_vae=family.control_uses_vae)
     if embeddings is not None:
         clock.lap("embeddings_cache")
 
@@ -171,7 +172,7 @@ def start_run(settings: Settings, family: ModelFamily) -> Start:
     resume = checkpointing.resolve_resume(output_dir, settings.loop.resume_from_checkpoint)
     checkpointing.check_output_dir(output_dir, resume)
     validation.check_validation_images(settings.evaluation.validation_image)
-    accelerator = make_accelerator(settings)
+    accelerator = make_accelerator(settings, unused_parameters=family.unused_parameters)
     deepspeed = accelerator.state.deepspeed_plugin
     check_engine(accelerator.distributed_type, deepspeed.zero_stage if deepspeed else None, settings.optimizer.use_ema)
     check_precision(accelerator.mixed_precision, accelerator.device)
@@ -206,8 +207,13 @@ def record_run(
     )
 
 
-def make_accelerator(settings: Settings) -> Accelerator:
+def make_accelerator(settings: Settings, *, unused_parameters: bool = False) -> Accelerator:
+    """The run's accelerator; ``unused_parameters``: some ControlNet parameters get no gradient in a
+    step, so DDP must find them rather than wait for their gradients."""
     output_dir = settings.output.output_dir
+    handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=settings.loop.ddp_timeout))]
+    if unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     project = ProjectConfiguration(
         project_dir=str(output_dir), logging_dir=str(output_dir / settings.output.logging_dir)
     )
@@ -219,8 +225,8 @@ def make_accelerator(settings: Settings) -> Accelerator:
         # Pinned batches copied without waiting: the next step's inputs can go over while the
         # GPU still works on this one (the loader pins memory on CUDA).
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
-        # Other processes wait while the main one loads a dataset (a download, on first use).
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=settings.loop.ddp_timeout))],
+        # The timeout: other processes wait while the main one loads a dataset (a download, on first use).
+        kwargs_handlers=handlers,
     )
     if accelerator.is_main_process and not settings.output.dry_run:  # a dry run leaves nothing behind
         try:
@@ -342,9 +348,12 @@ def agree_on_hub_repo(accelerator: Accelerator, output: OutputSettings) -> str:
     return repo_id
 
 
-def offload_cached_encoders(memory: MemorySettings, models: Models) -> tuple[torch.nn.Module, ...]:
-    """Once their outputs are cached, the VAE and text encoders wait on the CPU for validation."""
-    offloaded = ((models.vae,) if memory.cache_latents else ()) + (
+def offload_cached_encoders(
+    memory: MemorySettings, models: Models, *, keep_vae: bool = False
+) -> tuple[torch.nn.Module, ...]:
+    """Once their outputs are cached, the VAE and text encoders wait on the CPU for validation;
+    ``keep_vae``: the VAE stays, as it encodes every step's conditioning images (SD3)."""
+    offloaded = ((models.vae,) if memory.cache_latents and not keep_vae else ()) + (
         models.text_encoders if memory.cache_text_embeddings else ()
     )
     for module in offloaded:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import diffusers
@@ -68,8 +69,9 @@ def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
         return
 
     def cast(module, args, output):
-        down, mid = output  # the pipelines call it with return_dict=False
-        return [residual.to(dtype) for residual in down], mid.to(dtype)
+        # The pipelines call it with return_dict=False: UNet ControlNets return (down residuals,
+        # mid residual), SD3's a 1-tuple of block residuals.
+        return _to_dtype(output, dtype)
 
     handle = controlnet.register_forward_hook(cast)
     try:
@@ -78,17 +80,26 @@ def residuals_in(controlnet: torch.nn.Module, dtype: torch.dtype):
         handle.remove()
 
 
+def _to_dtype(value, dtype: torch.dtype):
+    """Tensors in nested tuples and lists cast to ``dtype``, the structure kept."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype)
+    return type(value)(_to_dtype(item, dtype) for item in value)
+
+
 def generate(
     pipeline,
     pairs: Sequence[tuple[str, str]],
     *,
+    inputs: Callable[[Image.Image], dict],
     num_images: int,
     resolution: int,
     seed: int,
     weight_dtype: torch.dtype,
     num_inference_steps: int = 20,
 ) -> list[dict]:
-    """For each (prompt, image path): the conditioning image and ``num_images`` generations."""
+    """For each (prompt, image path): the conditioning image and ``num_images`` generations;
+    ``inputs`` gives the family's pipeline arguments for a conditioning image."""
     device = pipeline.device
     generator = torch.Generator(device=device).manual_seed(seed)
     autocast = mixed_precision_autocast(device, weight_dtype)
@@ -98,7 +109,7 @@ def generate(
         with autocast, residuals_in(pipeline.controlnet, weight_dtype), torch.no_grad():
             images = pipeline(
                 [prompt] * num_images,
-                image=conditioning,
+                **inputs(conditioning),
                 num_inference_steps=num_inference_steps,
                 generator=generator,
                 height=resolution,
@@ -159,6 +170,7 @@ def run_validation(
     results = generate(
         pipeline,
         validation_pairs(evaluation.validation_prompt, evaluation.validation_image),
+        inputs=functools.partial(family.pipeline_inputs, models),
         num_images=evaluation.num_validation_images,
         resolution=resolution,
         seed=seed,

@@ -283,7 +283,7 @@ def test_sd3_vae_shift_and_scaling_centre_latents(tiny_sd3):
 
 def test_sd3_controlnet_pipeline_generates(tiny_sd3):
     controlnet = SD3ControlNetModel.from_pretrained(str(tiny_sd3["controlnet_sd3"]))
-    assert controlnet.config.num_layers == 1 and controlnet.config.extra_conditioning_channels == 0
+    assert controlnet.config.num_layers == 12 and controlnet.config.extra_conditioning_channels == 0
     pipe = StableDiffusion3ControlNetPipeline.from_pretrained(str(tiny_sd3["sd3"]), controlnet=controlnet)
     assert pipe.scheduler.config.shift == 3.0
     sample = fixtures.fill_sample(np.random.default_rng(2), 64)

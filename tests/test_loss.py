@@ -10,6 +10,7 @@ from diffusers import ControlNetModel, DDPMScheduler, UNet2DConditionModel
 from controlnet_trainer.families import Models, TextConditioning
 from controlnet_trainer.families.ddpm import min_snr_weights, sample_noise_and_timesteps
 from controlnet_trainer.families.sd import FAMILY as SD
+from controlnet_trainer.settings import ObjectiveSettings
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +93,14 @@ def test_min_snr_weights_take_their_limit_where_the_snr_is_zero(tiny):
     assert v[-1].item() == 0.0
     assert torch.allclose(v[:-1], torch.minimum(snr, torch.tensor(5.0)) / (snr + 1), rtol=1e-5)
     last = torch.full((2,), 999)
-    loss, _ = loss_for(tiny, scheduler=zero_terminal, timesteps=last, snr_gamma=5.0)
+    loss, _ = loss_for(tiny, scheduler=zero_terminal, timesteps=last, objective=ObjectiveSettings(snr_gamma=5.0))
     plain, _ = loss_for(tiny, scheduler=zero_terminal, timesteps=last)
     assert loss.item() == pytest.approx(plain.item(), rel=1e-6)  # full weight, and finite
 
 
 def test_min_snr_changes_the_loss_by_the_per_sample_weights(tiny):
     plain, used = loss_for(tiny, reduce=False)
-    weighted, _ = loss_for(tiny, reduce=False, snr_gamma=5.0)
+    weighted, _ = loss_for(tiny, reduce=False, objective=ObjectiveSettings(snr_gamma=5.0))
     weights = min_snr_weights(tiny[2], used["timesteps"], 5.0)
     assert torch.allclose(weighted, plain * weights, rtol=1e-5)
 

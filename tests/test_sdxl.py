@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -56,9 +57,10 @@ def test_sdxl_text_encoding_concatenates_penultimate_states(sdxl_assets, tmp_pat
 def test_sdxl_vae_stays_fp32_in_mixed_precision_unless_a_vae_is_given(sdxl_assets, tmp_path):
     args = settings_of(train_argv(sdxl_assets, tmp_path, sdxl=True), sdxl=True).model
     models = load_models(args, SDXL)
-    SDXL.place_models(models, device=torch.device("cpu"), weight_dtype=torch.bfloat16, custom_vae=False)
+    SDXL.place_models(models, device=torch.device("cpu"), weight_dtype=torch.bfloat16, settings=args)
     assert models.vae.dtype == torch.float32 and models.denoiser.dtype == torch.bfloat16
-    SDXL.place_models(models, device=torch.device("cpu"), weight_dtype=torch.bfloat16, custom_vae=True)
+    custom_vae = dataclasses.replace(args, pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix")
+    SDXL.place_models(models, device=torch.device("cpu"), weight_dtype=torch.bfloat16, settings=custom_vae)
     assert models.vae.dtype == torch.bfloat16
 
 

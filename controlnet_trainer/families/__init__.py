@@ -1,8 +1,8 @@
 """Model families: everything that differs between SD 1.x/2.x, SDXL and the families to come.
 
 A family is a record of plain values and functions (``ModelFamily``), one module each
-(``sd``, ``sdxl``), composed from shared parts (``unet`` for the UNet models, ``ddpm`` for the
-DDPM objective). The trainer, the cache, validation and the fidelity measure call the record
+(``sd``, ``sdxl``, ``sd3``), composed from shared parts (``components`` for loading and memory
+options, ``unet`` for the UNet models, ``ddpm`` for the DDPM objective, ``flow`` for flow matching). The trainer, the cache, validation and the fidelity measure call the record
 and never ask which family they run. Adding a family means a module here, its name in
 ``_MODULES`` and a thin entry script.
 
@@ -24,12 +24,12 @@ if TYPE_CHECKING:
     from ..settings import ModelSettings, ObjectiveSettings
 
 # Family name -> module under families/ that defines FAMILY.
-_MODULES = {"sd": "sd", "sdxl": "sdxl"}
+_MODULES = {"sd": "sd", "sdxl": "sdxl", "sd3": "sd3"}
 
 
 @dataclasses.dataclass(frozen=True)
 class TextConditioning:
-    """Prompt embeddings: the cross-attention states and, for SDXL, the pooled embedding."""
+    """Prompt embeddings: the cross-attention states and, for SDXL and SD3, the pooled embedding."""
 
     encoder_hidden_states: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -46,9 +46,12 @@ class Models:
     tokenizers: tuple
     text_encoders: tuple
     vae: torch.nn.Module
-    denoiser: torch.nn.Module  # the UNet of SD and SDXL
+    denoiser: torch.nn.Module  # the UNet of SD and SDXL, the transformer of SD3
     controlnet: torch.nn.Module
     noise_scheduler: Any
+    # How the family encodes prompts beyond the tokenizers' own lengths (SD3: the T5 length and
+    # whether T5 is used); part of the embeddings cache key.
+    text_options: dict = dataclasses.field(default_factory=dict)
 
     def frozen(self) -> tuple[torch.nn.Module, ...]:
         return (*self.text_encoders, self.vae, self.denoiser)
@@ -69,6 +72,7 @@ class ModelCard:
 
     tags: tuple[str, ...]
     license: str
+    controlnet_class: str = "ControlNetModel"  # the diffusers class that loads the saved weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,24 +92,41 @@ class ModelFamily:
     text_components: tuple[tuple[str, str], ...]
     load_models: Callable[[ModelSettings], Models]
     # Freeze the base model and move it to (device, dtype); the ControlNet stays fp32.
+    # Called as place_models(models, device=, weight_dtype=, settings=ModelSettings).
     place_models: Callable[..., None]
     # Gradient checkpointing, attention back-ends and compilation on the trained modules.
     enable_memory_options: Callable[..., None]
     encode_prompts: Callable[[Models, list[str]], TextConditioning]
     # Extra conditioning the denoiser takes beside the prompt (SDXL's pooled text and time ids).
     added_conditioning: Callable[..., dict | None]
-    # The objective: noise and timesteps for one sample, and the loss of a batch.
+    # The conditioning image ([0, 1] pixels) as the ControlNet takes it: the pixels themselves
+    # (SD, SDXL) or VAE latents (SD3), sampled with the per-sample generators or, given None,
+    # the posterior mean. ``control_uses_vae`` says the VAE must stay on the device for it.
+    encode_control: Callable[[Models, torch.Tensor, list | None], torch.Tensor]
+    control_uses_vae: bool
+    # The objective: noise and timesteps for one sample, and the loss of a batch. ``loss`` takes
+    # ``objective=None`` for the plain, unweighted loss the fidelity measure compares.
     sample_noise: Callable[[Models, torch.Tensor, torch.Generator, ObjectiveSettings], tuple]
     loss: Callable[..., torch.Tensor]
-    # The diffusers pipeline class (resolved when validation needs it) and its components.
+    # The denoiser's timesteps at positions 0..N-1 of the training schedule (the fidelity probe's).
+    schedule_timesteps: Callable[[Models, torch.Tensor], torch.Tensor]
+    # The diffusers pipeline class (resolved when validation needs it), its components and the
+    # call's inputs besides prompt, size and steps (the conditioning image's argument name).
     pipeline_class: str
     pipeline_components: Callable[[Models, torch.nn.Module], dict]
-    # The ControlNet as one file in the original layout other tools load, and back.
-    save_single_file: Callable[..., None]
+    pipeline_inputs: Callable[[Models, Any], dict]
+    # The ControlNet as one file in the original layout other tools load; None where the family
+    # has no such layout (then --save_single_file is not offered).
+    save_single_file: Callable[..., None] | None
+    # Checks of the family's own flags, before any model loads (None: nothing to check).
+    check_flags: Callable[[argparse.Namespace], None] | None = None
+    # Whether some ControlNet parameters get no gradient in a step (the prompt branch of SD3's last
+    # ControlNet block feeds nothing), so DDP must look for them.
+    unused_parameters: bool = False
 
 
 def by_name(name: str) -> ModelFamily:
-    """The family registered as ``name`` ("sd", "sdxl")."""
+    """The family registered as ``name`` ("sd", "sdxl", "sd3")."""
     return importlib.import_module(f".{_MODULES[name]}", __name__).FAMILY
 
 
@@ -113,12 +134,22 @@ def names() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
-def token_ids(tokenizer, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-    """Token ids padded to the tokenizer's length, on ``device``."""
+def token_ids(
+    tokenizer, prompts: Sequence[str], device: torch.device, max_length: int | None = None
+) -> torch.Tensor:
+    """Token ids padded to ``max_length`` (the tokenizer's own length by default), on ``device``."""
     return tokenizer(
         list(prompts),
-        max_length=tokenizer.model_max_length,
+        max_length=max_length or tokenizer.model_max_length,
         padding="max_length",
         truncation=True,
         return_tensors="pt",
     ).input_ids.to(device, non_blocking=True)  # a fresh host tensor: no need to wait for the GPU
+
+
+def to_latents(vae, sample: torch.Tensor) -> torch.Tensor:
+    """A VAE sample in the denoiser's latent space: shifted (SD3's VAE has a shift) and scaled."""
+    shift = vae.config.get("shift_factor") or 0.0
+    if shift:
+        sample = sample - shift
+    return sample * vae.config.scaling_factor

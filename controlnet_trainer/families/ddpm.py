@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import ArgumentError
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """The objective's flags, as diffusers' SD and SDXL scripts name them."""
+    group = parser.add_argument_group("DDPM objective")
+    group.add_argument(
+        "--noise_offset",
+        type=float,
+        default=0.0,
+        help="Add this much per-channel offset noise (0.05-0.1 helps very dark or bright images).",
+    )
+    group.add_argument(
+        "--rescale_betas_zero_snr",
+        action="store_true",
+        help="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023); for v-prediction models.",
+    )
+    group.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR loss weighting gamma (5.0 is the paper's choice); off when absent.",
+    )
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise ArgumentError(f"`--snr_gamma` must be positive (5.0 is typical), got {args.snr_gamma}.")
 
 
 def sample_noise_and_timesteps(
@@ -59,6 +89,11 @@ def sample_noise(models, latents: torch.Tensor, generator: torch.Generator, obje
     return sample_noise_and_timesteps(latents, num_train_timesteps, generator, objective.noise_offset)
 
 
+def schedule_timesteps(models, positions: torch.Tensor) -> torch.Tensor:
+    """DDPM's timestep at position i of its schedule is i."""
+    return positions
+
+
 def diffusion_loss(
     models,
     controlnet,
@@ -71,13 +106,15 @@ def diffusion_loss(
     controlnet_image: torch.Tensor | None,
     added_cond_kwargs: dict | None = None,
     weight_dtype: torch.dtype = torch.float32,
-    snr_gamma: float | None = None,
+    objective=None,
     reduce: bool = True,
 ) -> torch.Tensor:
     """Mean denoising loss of the denoiser + ControlNet; per-sample losses with ``reduce=False``.
 
-    ``predict`` is the family's forward call (ControlNet, then the denoiser with its residuals).
+    ``predict`` is the family's forward call (ControlNet, then the denoiser with its residuals);
+    ``objective`` (ObjectiveSettings) gives the Min-SNR weighting, None the plain loss.
     """
+    snr_gamma = objective.snr_gamma if objective is not None else None
     noise_scheduler = models.noise_scheduler
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = predict(

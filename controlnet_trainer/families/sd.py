@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import Defaults, ModelCard, Models, TextConditioning, token_ids, unet
+from . import Defaults, ModelCard, Models, TextConditioning, components, token_ids, unet
 
 TEXT_COMPONENTS = (("tokenizer", "text_encoder"),)
 
@@ -18,8 +18,8 @@ def no_added_conditioning(text: TextConditioning, batch: dict, *, resolution: in
     return
 
 
-def place_models(models: Models, *, device, weight_dtype, custom_vae: bool) -> None:
-    unet.place_models(models, device=device, weight_dtype=weight_dtype)
+def place_models(models: Models, *, device, weight_dtype, settings) -> None:
+    components.place_models(models, device=device, weight_dtype=weight_dtype)
 
 
 def is_sd_unet(config: dict) -> bool:
@@ -35,7 +35,6 @@ FAMILY = unet.make_family(
     description="Train a ControlNet for Stable Diffusion 1.x/2.x.",
     defaults=Defaults(resolution=512, image_interpolation_mode="bilinear", tracker_project_name="train_controlnet"),
     card=ModelCard(tags=("stable-diffusion",), license="creativeml-openrail-m"),
-    add_flags=None,
     is_own_denoiser=is_sd_unet,
     place_models=place_models,
     encode_prompts=encode_prompts,

@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from . import Defaults, ModelCard, Models, TextConditioning, token_ids, unet
+from . import Defaults, ModelCard, Models, TextConditioning, components, token_ids, unet
 
 TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 INTERPOLATION_MODES = ("nearest", "nearest_exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -88,9 +88,11 @@ def added_conditioning(
     return {"text_embeds": text.pooled, "time_ids": ids.to(text.pooled.device, text.pooled.dtype)}
 
 
-def place_models(models: Models, *, device, weight_dtype, custom_vae: bool) -> None:
+def place_models(models: Models, *, device, weight_dtype, settings) -> None:
     """SDXL's own VAE overflows in fp16, so it stays fp32 unless the user supplies a safe one."""
-    unet.place_models(models, device=device, weight_dtype=weight_dtype, vae_dtype=None if custom_vae else torch.float32)
+    custom_vae = bool(settings.pretrained_vae_model_name_or_path)
+    vae_dtype = None if custom_vae else torch.float32
+    components.place_models(models, device=device, weight_dtype=weight_dtype, vae_dtype=vae_dtype)
 
 
 def is_sdxl_unet(config: dict) -> bool:

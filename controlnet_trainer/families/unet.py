@@ -7,18 +7,17 @@ nothing until a run needs its models.
 
 from __future__ import annotations
 
+import argparse
 import functools
-import importlib.util
 import logging
 import os
 from collections.abc import Sequence
 
 import torch
-import transformers
 
 from ..errors import InputError
-from ..models import ModelError, check_local_path, check_xformers
-from . import ModelFamily, Models, TextConditioning, ddpm
+from ..models import ModelError, check_local_path
+from . import ModelFamily, Models, TextConditioning, components, ddpm
 
 logger = logging.getLogger(__name__)
 
@@ -29,85 +28,66 @@ _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 _FROM_UNET_EMBEDDING = (16, 32, 96, 256)
 
 
-def make_family(*, text_components: Sequence[tuple[str, str]], pipeline_extras: dict, **own) -> ModelFamily:
+def make_family(
+    *, text_components: Sequence[tuple[str, str]], pipeline_extras: dict, add_flags=None, **own
+) -> ModelFamily:
     """A UNet family's record: the parts every UNet family shares (loading, placing, memory options,
-    the DDPM objective with the UNet forward, the pipeline's components, the export layout), plus
-    ``own``, the fields that are the family's alone."""
+    the DDPM objective and its flags with the UNet forward, the pipeline, the export layout), plus
+    ``own``, the fields that are the family's alone (``add_flags``: its own flag group)."""
     return ModelFamily(
         denoiser_subfolder="unet",
         text_components=tuple(text_components),
+        add_flags=functools.partial(_add_flags, own_flags=add_flags),
+        check_flags=ddpm.check_flags,
         load_models=functools.partial(load_models, text_components=text_components),
-        enable_memory_options=enable_memory_options,
+        enable_memory_options=components.enable_memory_options,
+        encode_control=pixels_as_control,
+        control_uses_vae=False,
         sample_noise=ddpm.sample_noise,
         loss=functools.partial(ddpm.diffusion_loss, predict=predict),
+        schedule_timesteps=ddpm.schedule_timesteps,
         pipeline_components=functools.partial(
             pipeline_components, text_components=text_components, extras=pipeline_extras
         ),
+        pipeline_inputs=pipeline_inputs,
         save_single_file=save_single_file,
         **own,
     )
 
 
+def _add_flags(parser: argparse.ArgumentParser, *, own_flags) -> None:
+    ddpm.add_flags(parser)
+    if own_flags is not None:
+        own_flags(parser)
+
+
 def load_models(settings, *, text_components: Sequence[tuple[str, str]]) -> Models:
     """Tokenizers, text encoders, VAE, UNet, DDPM scheduler and the ControlNet to train."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     base = settings.pretrained_model_name_or_path
     common = {"revision": settings.revision, "cache_dir": settings.cache_dir}
-    tokenizers = tuple(_load_tokenizer(settings, text_components, sub) for sub, _ in text_components)
+    subfolders = [tokenizer for tokenizer, _ in text_components]
+    tokenizers = tuple(components.load_tokenizer(settings, sub, subfolders=subfolders) for sub in subfolders)
     text_encoders = tuple(
-        _load_text_encoder(base, sub, variant=settings.variant, **common) for _, sub in text_components
+        components.load_text_encoder(settings, sub, classes=_TEXT_ENCODER_CLASSES) for _, sub in text_components
     )
-    vae_path = settings.pretrained_vae_model_name_or_path
-    if vae_path:
-        check_local_path(vae_path, "--pretrained_vae_model_name_or_path")
-        vae = AutoencoderKL.from_pretrained(vae_path, **common)
-    else:
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", variant=settings.variant, **common)
+    vae = components.load_vae(settings)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=settings.variant, **common)
     noise_scheduler = DDPMScheduler.from_pretrained(
         base, subfolder="scheduler", rescale_betas_zero_snr=settings.rescale_betas_zero_snr, **common
     )
     controlnet = load_controlnet(settings, unet)
+    vae_source = settings.pretrained_vae_model_name_or_path or f"{base}/vae"
     check_conditioning_scale(
-        controlnet, vae, controlnet_source=settings.controlnet_model_name_or_path, vae_source=vae_path or f"{base}/vae"
+        controlnet, vae, controlnet_source=settings.controlnet_model_name_or_path, vae_source=vae_source
     )
     return Models(tokenizers, text_encoders, vae, unet, controlnet, noise_scheduler)
 
 
-def _load_tokenizer(settings, text_components: Sequence[tuple[str, str]], subfolder: str):
-    if settings.tokenizer_name and len(text_components) == 1:
-        source, subfolder = settings.tokenizer_name, ""
-    else:  # SDXL's --tokenizer_name names a repo holding tokenizer/ and tokenizer_2/
-        source = settings.tokenizer_name or settings.pretrained_model_name_or_path
-    try:
-        return transformers.AutoTokenizer.from_pretrained(
-            source, subfolder=subfolder, revision=settings.revision, cache_dir=settings.cache_dir, use_fast=False
-        )
-    except (OSError, ValueError) as error:
-        if not settings.tokenizer_name:
-            raise  # models.load_models names the base model's files
-        layout = "a CLIP tokenizer (vocab.json, merges.txt)"
-        if len(text_components) > 1:
-            layout = "tokenizer/ and tokenizer_2/ subfolders holding CLIP tokenizers"
-        raise ModelError(
-            f"`--tokenizer_name` {settings.tokenizer_name!r} holds no tokenizer ({' '.join(str(error).split())}). "
-            f"Point it at a folder or hub repo with {layout}; a pipeline's own is in its tokenizer/ "
-            "subfolder, and without the flag the base model's is used."
-        ) from error
-
-
-def _load_text_encoder(base: str, subfolder: str, **kwargs) -> torch.nn.Module:
-    config = transformers.AutoConfig.from_pretrained(
-        base, subfolder=subfolder, revision=kwargs["revision"], cache_dir=kwargs["cache_dir"]
-    )
-    name = (config.architectures or ["CLIPTextModel"])[0]
-    if name not in _TEXT_ENCODER_CLASSES:
-        raise ModelError(
-            f"Text encoder class {name} in {base}/{subfolder} is not supported; this trainer "
-            f"supports {', '.join(_TEXT_ENCODER_CLASSES)}."
-        )
-    return getattr(transformers, name).from_pretrained(base, subfolder=subfolder, **kwargs)
+def pixels_as_control(models: Models, pixels: torch.Tensor, generators) -> torch.Tensor:
+    """A UNet ControlNet embeds the conditioning pixels itself."""
+    return pixels
 
 
 def load_controlnet(settings, unet):
@@ -202,48 +182,6 @@ def check_conditioning_scale(controlnet, vae, *, controlnet_source: str | None, 
     )
 
 
-def place_models(
-    models: Models, *, device: torch.device, weight_dtype: torch.dtype, vae_dtype: torch.dtype | None = None
-) -> None:
-    """Frozen models go to the device in the mixed-precision dtype (the VAE in ``vae_dtype`` when
-    given); the ControlNet stays fp32."""
-    for module in models.frozen():
-        module.requires_grad_(False)
-        module.eval()
-    models.controlnet.train()
-    models.vae.to(device, dtype=vae_dtype or weight_dtype)
-    models.denoiser.to(device, dtype=weight_dtype)
-    for encoder in models.text_encoders:
-        encoder.to(device, dtype=weight_dtype)
-
-
-def enable_memory_options(models: Models, memory, device: torch.device) -> None:
-    """Gradient checkpointing, the optional attention back-ends and compilation, with clear errors."""
-    trained_path = (models.denoiser, models.controlnet)
-    if memory.gradient_checkpointing:
-        # The frozen UNet's activations are kept for the backward pass into the ControlNet
-        # residuals too, so checkpointing it saves as much memory as the ControlNet's.
-        for module in trained_path:
-            module.enable_gradient_checkpointing()
-    if memory.enable_xformers_memory_efficient_attention:
-        check_xformers(device)
-        for module in trained_path:
-            module.enable_xformers_memory_efficient_attention()
-    if memory.enable_npu_flash_attention:
-        if importlib.util.find_spec("torch_npu") is None:
-            raise ModelError(
-                "--enable_npu_flash_attention needs an Ascend NPU and the torch_npu package, "
-                "which is not installed. Drop the flag (PyTorch SDPA attention is the default)."
-            )
-        for module in trained_path:
-            module.enable_npu_flash_attention()
-    if memory.torch_compile:
-        # In place (nn.Module.compile), so parameter names, hooks and saving are unchanged.
-        # Evaluation runs these modules eagerly: see models.eager_evaluation.
-        for module in trained_path:
-            module.compile(backend=memory.torch_compile)
-
-
 def predict(
     models: Models,
     controlnet,
@@ -279,6 +217,10 @@ def predict(
         return_dict=False,
         **residuals,
     )[0]
+
+
+def pipeline_inputs(models: Models, conditioning) -> dict:
+    return {"image": conditioning}
 
 
 def pipeline_components(models: Models, controlnet, *, text_components, extras: dict) -> dict:

@@ -1,0 +1,111 @@
+"""Loading and memory options every family shares: tokenizers, text encoders and the VAE from a
+diffusers pipeline folder or hub id, placing the frozen parts, and the attention, checkpointing
+and compilation options of the denoiser and the ControlNet.
+
+diffusers loads inside the functions (it takes seconds to import).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+import transformers
+
+from ..models import ModelError, check_local_path, check_xformers
+from . import Models
+
+
+def load_tokenizer(settings, subfolder: str, *, subfolders: Sequence[str]):
+    """The tokenizer in ``subfolder`` of the base model, or of --tokenizer_name: a tokenizer itself
+    when the family has one (``subfolders`` lists the family's), else a repo holding them all."""
+    if settings.tokenizer_name and len(subfolders) == 1:
+        source, subfolder = settings.tokenizer_name, ""
+    else:
+        source = settings.tokenizer_name or settings.pretrained_model_name_or_path
+    try:
+        return transformers.AutoTokenizer.from_pretrained(
+            source, subfolder=subfolder, revision=settings.revision, cache_dir=settings.cache_dir, use_fast=False
+        )
+    except (OSError, ValueError) as error:
+        if not settings.tokenizer_name:
+            raise  # models.load_models names the base model's files
+        layout = "a CLIP tokenizer (vocab.json, merges.txt)"
+        if len(subfolders) > 1:
+            layout = f"{' and '.join(f'{name}/' for name in subfolders)} subfolders holding the tokenizers"
+        raise ModelError(
+            f"`--tokenizer_name` {settings.tokenizer_name!r} holds no tokenizer ({' '.join(str(error).split())}). "
+            f"Point it at a folder or hub repo with {layout}; a pipeline's own is in its tokenizer/ "
+            "subfolder, and without the flag the base model's is used."
+        ) from error
+
+
+def load_text_encoder(settings, subfolder: str, *, classes: Sequence[str]) -> torch.nn.Module:
+    """The text encoder in ``subfolder`` of the base model, if its class is one of ``classes``."""
+    base = settings.pretrained_model_name_or_path
+    common = {"revision": settings.revision, "cache_dir": settings.cache_dir}
+    config = transformers.AutoConfig.from_pretrained(base, subfolder=subfolder, **common)
+    name = (config.architectures or [classes[0]])[0]
+    if name not in classes:
+        raise ModelError(
+            f"Text encoder class {name} in {base}/{subfolder} is not supported; this trainer "
+            f"supports {', '.join(classes)} there."
+        )
+    return getattr(transformers, name).from_pretrained(base, subfolder=subfolder, variant=settings.variant, **common)
+
+
+def load_vae(settings):
+    """The base model's VAE, or --pretrained_vae_model_name_or_path's where the family has that flag."""
+    from diffusers import AutoencoderKL
+
+    common = {"revision": settings.revision, "cache_dir": settings.cache_dir}
+    path = settings.pretrained_vae_model_name_or_path
+    if path:
+        check_local_path(path, "--pretrained_vae_model_name_or_path")
+        return AutoencoderKL.from_pretrained(path, **common)
+    return AutoencoderKL.from_pretrained(
+        settings.pretrained_model_name_or_path, subfolder="vae", variant=settings.variant, **common
+    )
+
+
+def place_models(
+    models: Models, *, device: torch.device, weight_dtype: torch.dtype, vae_dtype: torch.dtype | None = None
+) -> None:
+    """Frozen models go to the device in the mixed-precision dtype (the VAE in ``vae_dtype`` when
+    given); the ControlNet stays fp32."""
+    for module in models.frozen():
+        module.requires_grad_(False)
+        module.eval()
+    models.controlnet.train()
+    models.vae.to(device, dtype=vae_dtype or weight_dtype)
+    models.denoiser.to(device, dtype=weight_dtype)
+    for encoder in models.text_encoders:
+        encoder.to(device, dtype=weight_dtype)
+
+
+def enable_memory_options(models: Models, memory, device: torch.device) -> None:
+    """Gradient checkpointing, the optional attention back-ends and compilation, with clear errors."""
+    trained_path = (models.denoiser, models.controlnet)
+    if memory.gradient_checkpointing:
+        # The frozen denoiser's activations are kept for the backward pass into the ControlNet
+        # residuals too, so checkpointing it saves as much memory as the ControlNet's.
+        for module in trained_path:
+            module.enable_gradient_checkpointing()
+    if memory.enable_xformers_memory_efficient_attention:
+        check_xformers(device)
+        for module in trained_path:
+            module.enable_xformers_memory_efficient_attention()
+    if memory.enable_npu_flash_attention:
+        if importlib.util.find_spec("torch_npu") is None:
+            raise ModelError(
+                "--enable_npu_flash_attention needs an Ascend NPU and the torch_npu package, "
+                "which is not installed. Drop the flag (PyTorch SDPA attention is the default)."
+            )
+        for module in trained_path:
+            module.enable_npu_flash_attention()
+    if memory.torch_compile:
+        # In place (nn.Module.compile), so parameter names, hooks and saving are unchanged.
+        # Evaluation runs these modules eagerly: see models.eager_evaluation.
+        for module in trained_path:
+            module.compile(backend=memory.torch_compile)
