@@ -78,7 +78,7 @@ def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None = None) 
         controlnet = None
         while models:
             controlnet = accelerator.unwrap_model(models.pop())
-            model_class = sharding.controlnet_class(controlnet.config)
+            model_class = sharding.controlnet_class(controlnet)
             loaded = model_class.from_pretrained(input_dir, subfolder="controlnet")
             controlnet.register_to_config(**loaded.config)
             controlnet.load_state_dict(loaded.state_dict())
@@ -86,7 +86,7 @@ def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None = None) 
         if ema is None:
             return
         if (Path(input_dir) / "controlnet_ema").is_dir():
-            model_class = sharding.controlnet_class(controlnet.config)
+            model_class = sharding.controlnet_class(controlnet)
             saved = EMAModel.from_pretrained(Path(input_dir) / "controlnet_ema", model_cls=model_class)
             ema.load_state_dict(saved.state_dict())
             del saved

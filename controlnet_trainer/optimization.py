@@ -96,4 +96,4 @@ def final_controlnet(accelerator: Accelerator, controlnet, ema: EMAModel | None)
     weights = {name: average.detach().to("cpu") for name, average in zip(names, ema.shadow_params, strict=True)}
     # Saved buffers are not averaged (SD3's fixed position table): the module's own.
     weights |= {name: value.detach().to("cpu") for name, value in bare.state_dict().items() if name not in weights}
-    return sharding.plain_copy(bare.config, weights)
+    return sharding.plain_copy(bare, weights)

@@ -13,7 +13,6 @@ fine-tune with them); a save gathers the fp32 partitions instead.
 
 from __future__ import annotations
 
-import diffusers
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -36,7 +35,7 @@ def full_controlnet(accelerator: Accelerator, controlnet: torch.nn.Module, *, ev
     weights = gather_weights(controlnet, every_rank=every_rank)
     if weights is None:
         return None
-    return plain_copy(accelerator.unwrap_model(controlnet).config, weights)
+    return plain_copy(accelerator.unwrap_model(controlnet), weights)
 
 
 def controlnet_to_save(accelerator: Accelerator, controlnet: torch.nn.Module) -> torch.nn.Module | None:
@@ -51,7 +50,7 @@ def controlnet_to_save(accelerator: Accelerator, controlnet: torch.nn.Module) ->
     ):
         return module
     weights = deepspeed_fp32_weights(module, on_main=accelerator.is_main_process)
-    return None if weights is None else plain_copy(module.config, weights)
+    return None if weights is None else plain_copy(module, weights)
 
 
 def deepspeed_fp32_weights(module: torch.nn.Module, *, on_main: bool) -> dict[str, torch.Tensor] | None:
@@ -79,16 +78,16 @@ def gather_weights(model: torch.nn.Module, *, every_rank: bool) -> dict[str, tor
     return weights if every_rank or torch.distributed.get_rank() == 0 else None
 
 
-def controlnet_class(config) -> type:
-    """The diffusers class a ControlNet's config names (ControlNetModel, SD3ControlNetModel), which
-    a wrapped module's own type (FSDP's subclass) may hide."""
-    return getattr(diffusers, config["_class_name"])
+def controlnet_class(module: torch.nn.Module) -> type:
+    """The diffusers class of a ControlNet (ControlNetModel, SD3ControlNetModel), which the type of
+    a module FSDP has sharded hides behind a subclass of its own."""
+    return next(cls for cls in type(module).__mro__ if cls.__module__.startswith("diffusers."))
 
 
-def plain_copy(config, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A ControlNet of ``config``'s class holding ``weights`` where they lie, built without
-    initialising weights it would replace."""
+def plain_copy(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A ControlNet of ``module``'s class and config holding ``weights`` where they lie, built
+    without initialising weights it would replace."""
     with torch.device("meta"):
-        copy = controlnet_class(config).from_config(config)
+        copy = controlnet_class(module).from_config(module.config)
     copy.load_state_dict(weights, assign=True)  # strict: a missing or extra key is an error
     return copy

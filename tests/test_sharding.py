@@ -23,7 +23,7 @@ from controlnet_trainer.sharding import controlnet_to_save, full_controlnet, is_
 def test_plain_copy_computes_what_the_original_does(assets):
     original = ControlNetModel.from_pretrained(assets["controlnet"]).eval()
     gathered = {name: tensor.clone() for name, tensor in original.state_dict().items()}  # as FSDP's gather gives
-    copy = plain_copy(original.config, gathered).eval()
+    copy = plain_copy(original, gathered).eval()
     assert not any(t.is_meta for t in [*copy.parameters(), *copy.buffers()])
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, original.config.in_channels, 8, 8, generator=generator)
@@ -85,7 +85,7 @@ expected = plain.state_dict()
 local = sum(p.to_local().numel() for p in sharded.parameters())
 everywhere = gather_weights(sharded, every_rank=True)
 on_main = gather_weights(sharded, every_rank=False)
-copy = plain_copy(plain.config, everywhere).eval()
+copy = plain_copy(plain, everywhere).eval()
 with torch.no_grad():
     same_outputs = all(torch.equal(a, b) for a, b in zip(outputs(copy, inputs), outputs(plain.eval(), inputs)))
 result = {
