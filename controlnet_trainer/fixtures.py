@@ -1,8 +1,8 @@
 """Tiny, offline, seed-deterministic Stable Diffusion assets for tests, the demo and benchmarks.
 
 Everything is built from random weights: a synthetic "fill" dataset in the style of
-fusing/fill50k, tiny SD 1.x / SDXL / SD3 pipelines in diffusers format, and ControlNets made from
-their UNets or, for SD3, its transformer.
+fusing/fill50k, tiny SD 1.x / SDXL / SD3 / FLUX.1 pipelines in diffusers format, and ControlNets
+made from their UNets or, for SD3 and FLUX.1, their transformers.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from diffusers import (
     DDPMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxControlNetModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3ControlNetModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
@@ -494,10 +497,12 @@ def build_tiny_sdxl(path: str | Path, seed: int = 0, *, prediction_type: str = "
     return path
 
 
-def write_t5_tokenizer(directory: Path) -> T5Tokenizer:
+def write_t5_tokenizer(directory: Path, model_max_length: int = T5_MAX_LENGTH) -> T5Tokenizer:
     """A Unigram tokenizer.json in T5's layout, where every caption word is one "▁word" piece.
 
     Single characters back the words up, so other text splits into characters rather than <unk>.
+    ``model_max_length`` is the length the pipeline's repo declares: 77 in this SD3 fixture, 512
+    in FLUX.1's.
     """
     words = sorted({*COLOURS, *CAPTION_WORDS, *EXTRA_WORDS})
     specials = [T5_PAD_TOKEN, T5_EOS_TOKEN, T5_UNK_TOKEN]
@@ -527,7 +532,7 @@ def write_t5_tokenizer(directory: Path) -> T5Tokenizer:
     tokenizer.save(str(directory / "tokenizer.json"))
     config = {
         "tokenizer_class": "T5Tokenizer",
-        "model_max_length": T5_MAX_LENGTH,
+        "model_max_length": model_max_length,
         "eos_token": T5_EOS_TOKEN,
         "unk_token": T5_UNK_TOKEN,
         "pad_token": T5_PAD_TOKEN,
@@ -605,6 +610,75 @@ def build_tiny_sd3(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+# FLUX.1-dev's depth is 19 double-stream and 38 single-stream blocks. The tiny one keeps the
+# ControlNet a prefix of the transformer, as there, and uses every ControlNet block: the
+# transformer adds ControlNet sample i // ceil(blocks / samples) at block i, so each depth here is
+# a multiple of the ControlNet's (4 double; 4 single by the script's default, 10 by
+# from_transformer's).
+FLUX_DOUBLE_LAYERS, FLUX_SINGLE_LAYERS = 8, 20
+# train_controlnet_flux.py's --num_double_layers and --num_single_layers defaults.
+FLUX_CONTROLNET_DOUBLE_LAYERS, FLUX_CONTROLNET_SINGLE_LAYERS = 4, 4
+# FluxPipeline pads T5 prompts to max_sequence_length, 512 by default and at most; FLUX.1-dev's
+# tokenizer_2 declares the same model_max_length.
+FLUX_T5_MAX_LENGTH = 512
+# FLUX.1-dev's scheduler_config.json. With dynamic shifting, the pipeline shifts the sigmas by an
+# amount (mu) that grows with the image's token count; `shift` then goes unused.
+FLUX_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
+
+def _flux_transformer() -> FluxTransformer2DModel:
+    heads, head_dim = 4, 16
+    return FluxTransformer2DModel(
+        # The pipeline packs each 2x2 patch of latents into one token, hence patch_size 1 and
+        # four times the VAE's channels: 64, as in FLUX.1.
+        patch_size=1,
+        in_channels=4 * SD3_LATENT_CHANNELS,
+        num_layers=FLUX_DOUBLE_LAYERS,
+        num_single_layers=FLUX_SINGLE_LAYERS,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=T5_D_MODEL,
+        # CLIP's pooled output (its hidden size: CLIPTextModel has no projection).
+        pooled_projection_dim=TEXT_HIDDEN_SIZE,
+        # FLUX.1-dev is guidance-distilled: the guidance scale is an input, embedded like the timestep.
+        guidance_embeds=True,
+        # Rotary dimensions per position axis (unused, row, column) sum to the head size, as
+        # FLUX.1's (16, 56, 56) do to 128.
+        axes_dims_rope=(4, 6, 6),
+    )
+
+
+def build_tiny_flux(path: str | Path, seed: int = 0) -> Path:
+    """A tiny FLUX.1-dev pipeline: a CLIP encoder for the pooled prompt, a T5 encoder for the
+    token states, a guidance-embedding transformer and a dynamically shifted flow-matching
+    scheduler."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(path / "tokenizer", pad_token=EOS_TOKEN)
+    tokenizer_2 = write_t5_tokenizer(path / "tokenizer_2", model_max_length=FLUX_T5_MAX_LENGTH)
+    pipeline = FluxPipeline(
+        transformer=_flux_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        # FLUX.1's VAE has SD3's layout: 16 latent channels, no quant convs, shift and scaling
+        # factors (0.1159 and 0.3611 there, calibrated here).
+        vae=_build_sd3_vae(),
+        text_encoder=CLIPTextModel(_text_config(tokenizer)),
+        tokenizer=tokenizer,
+        text_encoder_2=T5EncoderModel(_t5_config(tokenizer_2)),
+        tokenizer_2=tokenizer_2,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
 def copy_with_scheduler(pipeline_dir: str | Path, path: str | Path, **overrides) -> Path:
     """A copy of a pipeline folder whose scheduler config has ``overrides``: the same weights
     under another prediction_type, or few num_train_timesteps so a short run surely draws the
@@ -637,6 +711,28 @@ def build_tiny_sd3_controlnet(pipeline_dir: str | Path, path: str | Path) -> Pat
     return Path(path)
 
 
+def build_tiny_flux_controlnet(
+    pipeline_dir: str | Path,
+    path: str | Path,
+    *,
+    num_double_layers: int = FLUX_CONTROLNET_DOUBLE_LAYERS,
+    num_single_layers: int = FLUX_CONTROLNET_SINGLE_LAYERS,
+) -> Path:
+    """A FLUX.1 ControlNet initialised from a pipeline's transformer as train_controlnet_flux.py
+    builds one: the transformer's heads, its first ``num_double_layers`` double-stream and
+    ``num_single_layers`` single-stream blocks, and a zeroed embedder for the packed control latents."""
+    transformer = FluxTransformer2DModel.from_pretrained(str(pipeline_dir), subfolder="transformer")
+    controlnet = FluxControlNetModel.from_transformer(
+        transformer,
+        num_layers=num_double_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=transformer.config.attention_head_dim,
+        num_attention_heads=transformer.config.num_attention_heads,
+    )
+    controlnet.save_pretrained(str(path))
+    return Path(path)
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Build tiny offline Stable Diffusion test assets.")
     parser.add_argument("--output_dir", type=Path, required=True)
@@ -645,6 +741,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sdxl", action="store_true", help="also build a tiny SDXL pipeline and ControlNet")
     parser.add_argument("--sd3", action="store_true", help="also build a tiny SD3 pipeline and ControlNet")
+    parser.add_argument("--flux", action="store_true", help="also build a tiny FLUX.1 pipeline and ControlNet")
     parser.add_argument(
         "--all_forms",
         action="store_true",
@@ -674,6 +771,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.sd3:
         written.append(build_tiny_sd3(out / "tiny-sd3", seed=args.seed))
         written.append(build_tiny_sd3_controlnet(out / "tiny-sd3", out / "tiny-controlnet-sd3"))
+    if args.flux:
+        written.append(build_tiny_flux(out / "tiny-flux", seed=args.seed))
+        written.append(build_tiny_flux_controlnet(out / "tiny-flux", out / "tiny-controlnet-flux"))
     for item in written:
         print(f"wrote {item}")
 

@@ -87,6 +87,16 @@ def tiny_sd3(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> dict[str, Path]:
+    """Tiny FLUX.1-dev pipeline and its ControlNet, built apart from ``assets`` like ``tiny_sd3``."""
+    root = tmp_path_factory.mktemp("assets-flux")
+    return {
+        "flux": fixtures.build_tiny_flux(root / "tiny-flux"),
+        "controlnet_flux": fixtures.build_tiny_flux_controlnet(root / "tiny-flux", root / "tiny-controlnet-flux"),
+    }
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Accelerate keeps process-wide singletons; each in-process run starts from a clean slate."""

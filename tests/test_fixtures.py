@@ -14,6 +14,9 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    FluxTransformer2DModel,
     SD3ControlNetModel,
     SD3Transformer2DModel,
     StableDiffusion3ControlNetPipeline,
@@ -37,9 +40,9 @@ def assets(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("assets")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        fixtures.main(["--output_dir", str(out), "--num_rows", "6", "--sdxl", "--sd3"])
-    sd3 = ("tiny-sd3", "tiny-controlnet-sd3")
-    for name in ("fill", "tiny-sd", "tiny-controlnet", "tiny-sdxl", "tiny-controlnet-sdxl", *sd3):
+        fixtures.main(["--output_dir", str(out), "--num_rows", "6", "--sdxl", "--sd3", "--flux"])
+    sd3, flux = ("tiny-sd3", "tiny-controlnet-sd3"), ("tiny-flux", "tiny-controlnet-flux")
+    for name in ("fill", "tiny-sd", "tiny-controlnet", "tiny-sdxl", "tiny-controlnet-sdxl", *sd3, *flux):
         assert (out / name).is_dir()
         assert name in printed.getvalue()
     return out
@@ -262,8 +265,7 @@ def test_t5_tokenizer_encodes_caption_words_to_distinct_ids_and_pads(tiny_sd3):
     assert fast(caption, padding="max_length", max_length=fast.model_max_length).input_ids == padded.input_ids
 
 
-def test_sd3_vae_shift_and_scaling_centre_latents(tiny_sd3):
-    vae = AutoencoderKL.from_pretrained(str(tiny_sd3["sd3"]), subfolder="vae")
+def _assert_shift_and_scaling_centre_latents(vae: AutoencoderKL) -> None:
     # The pipeline's vae_scale_factor: 64 px -> 8x8 latents, a whole number of 2x2 patches.
     assert 2 ** (len(vae.config.block_out_channels) - 1) == 8
     _, images = _fill_batch(seed=99, count=32)  # different images from the calibration set
@@ -279,6 +281,10 @@ def test_sd3_vae_shift_and_scaling_centre_latents(tiny_sd3):
     # Raw latents are off-centre and narrow: without the shift and scaling both checks above fail.
     assert abs(posterior.mean.mean().item()) > 0.3
     assert posterior.mean.std().item() < 0.5
+
+
+def test_sd3_vae_shift_and_scaling_centre_latents(tiny_sd3):
+    _assert_shift_and_scaling_centre_latents(AutoencoderKL.from_pretrained(str(tiny_sd3["sd3"]), subfolder="vae"))
 
 
 def test_sd3_controlnet_pipeline_generates(tiny_sd3):
@@ -319,3 +325,82 @@ def test_sd3_pipeline_generates_without_t5(tiny_sd3):
         "blue circle", num_inference_steps=2, height=64, width=64, max_sequence_length=length, output_type="np"
     )
     assert output.images.shape == (1, 64, 64, 3)
+
+
+# A FluxPipeline folder: the transformer, VAE, scheduler, a CLIP and a T5 encoder.
+FLUX_FOLDERS = {"transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"}
+
+
+def test_flux_pipeline_folder_and_build_are_deterministic(assets, tiny_flux):
+    folder = tiny_flux["flux"]
+    assert {p.name for p in folder.iterdir() if p.is_dir()} == FLUX_FOLDERS
+    assert (folder / "model_index.json").is_file()
+
+    def weights(path: Path) -> torch.Tensor:
+        return FluxTransformer2DModel.from_pretrained(str(path), subfolder="transformer").x_embedder.weight
+
+    # The CLI's tiny-flux and the session's are both built from seed 0.
+    assert torch.equal(weights(assets / "tiny-flux"), weights(folder))
+
+
+def test_flux_vae_shift_and_scaling_centre_latents(tiny_flux):
+    vae = AutoencoderKL.from_pretrained(str(tiny_flux["flux"]), subfolder="vae")
+    # FLUX.1's VAE layout: the posterior comes straight from the encoder and goes straight to the decoder.
+    assert not vae.config.use_quant_conv and not vae.config.use_post_quant_conv
+    _assert_shift_and_scaling_centre_latents(vae)
+
+
+def test_flux_prompt_encoding_pads_t5_to_512_tokens(tiny_flux):
+    pipe = FluxControlNetPipeline.from_pretrained(
+        str(tiny_flux["flux"]), controlnet=FluxControlNetModel.from_pretrained(str(tiny_flux["controlnet_flux"]))
+    )
+    length = fixtures.FLUX_T5_MAX_LENGTH
+    assert pipe.tokenizer_2.model_max_length == length
+    assert pipe.tokenizer.model_max_length == fixtures.MODEL_MAX_LENGTH
+    caption = "red circle with blue background"
+    padded = pipe.tokenizer_2(caption, padding="max_length", truncation=True, max_length=length).input_ids
+    ids = pipe.tokenizer_2(caption).input_ids
+    assert padded == ids + [pipe.tokenizer_2.pad_token_id] * (length - len(ids))
+
+    # The pipeline's default max_sequence_length: T5's 512 token states, CLIP's pooled output.
+    prompt_embeds, pooled, text_ids = pipe.encode_prompt(caption, None)
+    assert prompt_embeds.shape == (1, length, fixtures.T5_D_MODEL)
+    assert pooled.shape == (1, fixtures.TEXT_HIDDEN_SIZE)
+    assert text_ids.shape == (length, 3)
+    transformer = pipe.transformer.config
+    assert (transformer.joint_attention_dim, transformer.pooled_projection_dim) == (
+        prompt_embeds.shape[-1],
+        pooled.shape[-1],
+    )
+
+
+def test_flux_controlnet_pipeline_generates(tiny_flux):
+    controlnet = FluxControlNetModel.from_pretrained(str(tiny_flux["controlnet_flux"]))
+    # As train_controlnet_flux.py builds it by default: 4 double and 4 single blocks, a zeroed
+    # control embedder, and the transformer's heads and guidance embedding.
+    assert (controlnet.config.num_layers, controlnet.config.num_single_layers) == (4, 4)
+    assert torch.all(controlnet.controlnet_x_embedder.weight == 0)
+    pipe = FluxControlNetPipeline.from_pretrained(str(tiny_flux["flux"]), controlnet=controlnet)
+    transformer = pipe.transformer.config
+    assert transformer.guidance_embeds and controlnet.config.guidance_embeds
+    assert transformer.in_channels == 4 * pipe.vae.config.latent_channels  # 2x2 packed latents
+    assert sum(transformer.axes_dims_rope) == transformer.attention_head_dim
+    # Each ControlNet block feeds a whole number of transformer blocks, so none goes unused.
+    assert transformer.num_layers % controlnet.config.num_layers == 0
+    assert transformer.num_single_layers % controlnet.config.num_single_layers == 0
+    scheduler = pipe.scheduler.config
+    assert scheduler.use_dynamic_shifting and (scheduler.base_shift, scheduler.max_shift) == (0.5, 1.15)
+
+    sample = fixtures.fill_sample(np.random.default_rng(3), 64)
+    output = pipe(
+        sample.text,
+        control_image=sample.conditioning_image,
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        guidance_scale=3.5,
+        output_type="np",
+    )
+    assert output.images.shape == (1, 64, 64, 3)
+    # 64 px: 8x8 latents, 16 packed tokens, for which the dynamic shift moves the middle sigma off 0.5.
+    assert 0.5 < pipe.scheduler.sigmas[1].item() < 0.7
