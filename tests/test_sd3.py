@@ -423,3 +423,9 @@ def test_ema_and_streaming_carry_over_and_resume(sd3_assets, tmp_path):
     assert result.global_step == 3
     saved = SD3ControlNetModel.from_pretrained(tmp_path)
     assert isinstance(saved, SD3ControlNetModel)
+
+
+def test_dry_run_prints_the_sd3_plan_and_leaves_nothing(sd3_assets, tmp_path):
+    result = run(sd3_argv(sd3_assets, tmp_path / "out", dry_run=True, max_train_steps=None), family="sd3")
+    assert result.plan["family"] == "sd3" and result.plan["plan"]["num_samples"] == 24
+    assert not (tmp_path / "out").exists()
