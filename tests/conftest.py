@@ -37,22 +37,40 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def start_accelerate_launch(
+    launch_flags: list[str], argv: list[str], *, engine_on_cpu: bool = False
+) -> subprocess.Popen:
+    """train_controlnet.py under `accelerate launch` with ``launch_flags``, started. With
+    ``engine_on_cpu``, the FSDP or DeepSpeed run the configuration asks for spans CPU processes:
+    accelerate's CPU mode, and engines_on_cpu.py to lift accelerate's GPU-only check."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", f"--main_process_port={free_port()}", *launch_flags]
+    command += [str(ENGINES_ON_CPU)] if engine_on_cpu else []
+    return subprocess.Popen(
+        [*command, str(ROOT / "train_controlnet.py"), *argv],
+        env=script_env(**({"ACCELERATE_USE_CPU": "true"} if engine_on_cpu else {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finished(process: subprocess.Popen, timeout: int = 900) -> subprocess.CompletedProcess:
+    """A started launch, once it has ended."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        stderr += f"\n(killed after {timeout} s)"
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 def accelerate_launch(
     launch_flags: list[str], argv: list[str], *, engine_on_cpu: bool = False, timeout: int = 900
 ) -> subprocess.CompletedProcess:
-    """train_controlnet.py under `accelerate launch` with ``launch_flags``. With ``engine_on_cpu``,
-    the FSDP or DeepSpeed run the configuration asks for spans CPU processes: accelerate's CPU
-    mode, and engines_on_cpu.py to lift accelerate's GPU-only check."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", f"--main_process_port={free_port()}", *launch_flags]
-    command += [str(ENGINES_ON_CPU)] if engine_on_cpu else []
-    return subprocess.run(
-        [*command, str(ROOT / "train_controlnet.py"), *argv],
-        env=script_env(**({"ACCELERATE_USE_CPU": "true"} if engine_on_cpu else {})),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    """train_controlnet.py under `accelerate launch` with ``launch_flags``, to its end (see
+    start_accelerate_launch)."""
+    return finished(start_accelerate_launch(launch_flags, argv, engine_on_cpu=engine_on_cpu), timeout)
 
 
 @pytest.fixture(scope="session")

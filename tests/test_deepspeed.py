@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch, train_argv
+from conftest import accelerate_launch, finished, start_accelerate_launch, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
@@ -53,7 +53,12 @@ def test_zero2_checkpoints_and_resumes_through_the_engine_like_a_plain_run(asset
     # Adam's eps well above the last bits that two processes' gradient sums differ by, so that
     # no weight with a near-zero gradient steps the other way (see test_fsdp.py's COMMON).
     common = {"max_train_steps": 4, "checkpointing_steps": 2, "train_batch_size": 2, "adam_epsilon": 1e-3}
-    first = launch(config, train_argv(assets, tmp_path / "zero2", stop_at_step=2, **common), processes)
+    argv = train_argv(assets, tmp_path / "zero2", stop_at_step=2, **common)
+    started = start_accelerate_launch(["--config_file", str(config)], argv, engine_on_cpu=processes > 1)
+    try:  # the plain run trains here meanwhile
+        run(train_argv(assets, tmp_path / "plain", **common | {"train_batch_size": 2 * processes}))
+    finally:
+        first = finished(started, timeout=600)
     assert first.returncode == 0, first.stderr[-5000:]
     engine_state = tmp_path / "zero2" / "checkpoint-2" / "pytorch_model"
     # ZeRO-2: each rank holds and saves its own partition of the optimizer state.
@@ -61,7 +66,6 @@ def test_zero2_checkpoints_and_resumes_through_the_engine_like_a_plain_run(asset
     argv = train_argv(assets, tmp_path / "zero2", resume_from_checkpoint="latest", **common)
     resumed = launch(config, argv, processes)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
-    run(train_argv(assets, tmp_path / "plain", **common | {"train_batch_size": 2 * processes}))
 
     engine = load_file(tmp_path / "zero2" / WEIGHTS)
     plain = load_file(tmp_path / "plain" / WEIGHTS)

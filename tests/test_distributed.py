@@ -85,14 +85,19 @@ def wait_two(process: subprocess.Popen, check: bool = True) -> subprocess.Comple
     try:
         stdout, stderr = process.communicate(timeout=LAUNCH_TIMEOUT)
     except subprocess.TimeoutExpired:
-        for pid in [*child_pids(process.pid), process.pid]:  # the ranks hold the output pipes open
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        _, stderr = process.communicate()
+        _, stderr = kill_two(process)
         pytest.fail(f"two-process run hung for {LAUNCH_TIMEOUT}s; stderr tail:\n{stderr[-5000:]}")
     done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert not check or done.returncode == 0, f"two-process run failed ({done.returncode}):\n{done.stderr[-5000:]}"
     return done
+
+
+def kill_two(process: subprocess.Popen) -> tuple[str, str]:
+    """Kill a launch and its ranks, which hold the output pipes open; returns their output."""
+    for pid in [*child_pids(process.pid), process.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return process.communicate()
 
 
 def launch_two(script: Path, argv: list[str], **env) -> subprocess.CompletedProcess:
@@ -113,24 +118,9 @@ def metrics(output_dir: Path) -> list[dict]:
     return step_records(output_dir)
 
 
-@pytest.fixture(scope="module")
-def two_process_run(assets, tmp_path_factory) -> dict:
-    """The uninterrupted two-process run, 2 samples per rank, with validation every 2 steps."""
-    root = tmp_path_factory.mktemp("two-process")
-    probe_script, probe_dir = root / "probe.py", root / "probe"
-    probe_script.write_text(PROBE)
-    probe_dir.mkdir()
-    output_dir = root / "out"
-    done = launch_two(
-        probe_script, train_argv(assets, output_dir, train_batch_size=2, **flags(assets)), PROBE_DIR=str(probe_dir)
-    )
-    return {"output_dir": output_dir, "stderr": done.stderr, "ranks": [read_probe(probe_dir, r) for r in (0, 1)]}
-
-
-@pytest.fixture(scope="module")
-def one_process_run(assets, tmp_path_factory) -> dict:
-    """The same run in one process with the same global batch (4), in-process."""
-    output_dir = tmp_path_factory.mktemp("one-process") / "out"
+def one_process(assets: dict, output_dir: Path, **extra) -> list[list[int]]:
+    """Train in this process with one thread (as accelerate launch gives each rank, so that a
+    launch beside it keeps a core); returns each micro-batch's dataset indices."""
     seen: list[list[int]] = []
     loss = loop.micro_batch_loss
 
@@ -139,16 +129,55 @@ def one_process_run(assets, tmp_path_factory) -> dict:
         return loss(batch, *args, **kwargs)
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as accelerate launch gives each rank; spare a small, shared box
+    torch.set_num_threads(1)
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(loop, "micro_batch_loss", recorded)
-            run(train_argv(assets, output_dir, train_batch_size=4, **flags(assets)))
+            run(train_argv(assets, output_dir, train_batch_size=4, **flags(assets, **extra)))
     finally:
         torch.set_num_threads(threads)
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-    return {"output_dir": output_dir, "batches": seen}
+    return seen
+
+
+def beside(process: subprocess.Popen, work):
+    """``work()`` in this process while ``process`` runs; a failure of it ends ``process`` too."""
+    try:
+        return work()
+    except BaseException:
+        kill_two(process)
+        raise
+
+
+@pytest.fixture(scope="module")
+def reference_runs(assets, tmp_path_factory) -> dict:
+    """The uninterrupted two-process run, 2 samples per rank, with validation every 2 steps, and
+    the same run in one process with the same global batch (4), trained here meanwhile."""
+    root = tmp_path_factory.mktemp("two-process")
+    probe_script, probe_dir = root / "probe.py", root / "probe"
+    probe_script.write_text(PROBE)
+    probe_dir.mkdir()
+    output_dir, one_dir = root / "out", root / "one-process"
+    launched = start_two(
+        probe_script, train_argv(assets, output_dir, train_batch_size=2, **flags(assets)), PROBE_DIR=str(probe_dir)
+    )
+    batches = beside(launched, lambda: one_process(assets, one_dir))
+    done = wait_two(launched)
+    return {
+        "two": {"output_dir": output_dir, "stderr": done.stderr, "ranks": [read_probe(probe_dir, r) for r in (0, 1)]},
+        "one": {"output_dir": one_dir, "batches": batches},
+    }
+
+
+@pytest.fixture(scope="module")
+def two_process_run(reference_runs) -> dict:
+    return reference_runs["two"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(reference_runs) -> dict:
+    return reference_runs["one"]
 
 
 def test_each_rank_trains_on_its_own_half_of_every_global_batch(two_process_run, one_process_run):
@@ -251,23 +280,6 @@ def test_two_processes_share_the_cache_build_and_train_as_without_it(assets, tmp
     assert with_cache == pytest.approx([r["loss"] for r in metrics(two_process_run["output_dir"])], rel=1e-5)
 
 
-def test_two_processes_share_the_image_scan_and_skip_the_same_rows(assets, tmp_path):
-    """Each rank opens half the images; both learn of every bad row, whichever rank found it."""
-    import datasets
-
-    rows = datasets.load_dataset(str(assets["fill"]))["train"].cast_column("image", datasets.Image(decode=False))
-    garbage = {"bytes": b"garbage", "path": None}
-    broken = rows.map(lambda row, i: {"image": garbage if i in (3, 6) else row["image"]}, with_indices=True)
-    broken.to_parquet(tmp_path / "data" / "data" / "train-00000-of-00001.parquet")
-    argv = train_argv(assets, tmp_path / "out", dataset_name=tmp_path / "data", skip_bad_images=True, dry_run=True)
-    done = launch_two(ROOT / "train_controlnet.py", argv)
-    assert done.stderr.count("Checking that the images of 12 rows open") == 2
-    # Row 3 is rank 1's to open and row 6 rank 0's; each rank reports both.
-    assert done.stderr.count("skipping 2 row(s) with unreadable images (first: row 3") == 2
-    planned = re.findall(r'"num_samples": (\d+)', done.stdout)
-    assert planned and set(planned) == {"22"}, done.stdout
-
-
 # Rank 0 takes 8 s to load the dataset (as a first download would), then the real entry point runs.
 SLOW_LOAD = """\
 import sys, time
@@ -287,16 +299,40 @@ cli.main()
 """
 
 
-def test_ddp_timeout_is_how_long_ranks_wait_for_each_other(assets, tmp_path):
-    script = tmp_path / "slow.py"
+@pytest.fixture(scope="module")
+def dry_runs(assets, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Two dry runs of two processes side by side, on the fill rows with two unreadable images
+    and --skip_bad_images, where rank 0 loads the dataset 8 s late: the patient one with
+    --ddp_timeout=60, the impatient one with --ddp_timeout=2."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("dry-runs")
+    rows = datasets.load_dataset(str(assets["fill"]))["train"].cast_column("image", datasets.Image(decode=False))
+    garbage = {"bytes": b"garbage", "path": None}
+    broken = rows.map(lambda row, i: {"image": garbage if i in (3, 6) else row["image"]}, with_indices=True)
+    broken.to_parquet(root / "data" / "data" / "train-00000-of-00001.parquet")
+    script = root / "slow.py"
     script.write_text(SLOW_LOAD)
-    argv = train_argv(assets, tmp_path / "out", dry_run=True)
+    argv = train_argv(assets, root / "out", dataset_name=root / "data", skip_bad_images=True, dry_run=True)
     # Both launches at once: their 8 s waits overlap.
     patient = start_two(script, [*argv, "--ddp_timeout=60"])
     impatient = start_two(script, [*argv, "--ddp_timeout=2"])
-    waited = wait_two(patient)
-    assert '"num_processes": 2' in waited.stdout
-    short = wait_two(impatient, check=False)
+    return {"patient": wait_two(patient), "impatient": wait_two(impatient, check=False)}
+
+
+def test_two_processes_share_the_image_scan_and_skip_the_same_rows(dry_runs):
+    """Each rank opens half the images; both learn of every bad row, whichever rank found it."""
+    done = dry_runs["patient"]
+    assert done.stderr.count("Checking that the images of 12 rows open") == 2
+    # Row 3 is rank 1's to open and row 6 rank 0's; each rank reports both.
+    assert done.stderr.count("skipping 2 row(s) with unreadable images (first: row 3") == 2
+    planned = re.findall(r'"num_samples": (\d+)', done.stdout)
+    assert planned and set(planned) == {"22"}, done.stdout
+
+
+def test_ddp_timeout_is_how_long_ranks_wait_for_each_other(dry_runs):
+    assert '"num_processes": 2' in dry_runs["patient"].stdout
+    short = dry_runs["impatient"]
     assert short.returncode != 0 and "timed out" in short.stderr.lower(), short.stderr[-3000:]
 
 
@@ -351,6 +387,7 @@ def test_the_host_group_waits_no_longer_than_its_timeout(tmp_path):
         for rank in (0, 1)
     ]  # fmt: skip
     on_time = ranks_[1].communicate(timeout=120)[0]
+    ranks_[0].kill()  # still asleep; what it prints later tells nothing about rank 1's wait
     ranks_[0].communicate(timeout=120)
     # Without the timeout, rank 1 would wait the 10 s and agree.
     assert "gave up" in on_time and "Timed out waiting 3000ms" in on_time, on_time
@@ -375,11 +412,11 @@ def test_stop_and_resume_in_two_processes_matches_the_uninterrupted_run(assets, 
     assert not different, f"{len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
 
 
-def two_machines(argv: list[str], homes: tuple[Path, Path]) -> list[str]:
+def two_machines(argv: list[str], homes: tuple[Path, Path]) -> list[subprocess.Popen]:
     """One rank on each of two "machines" (two launchers on this host, ranks 0 and 1), each with
-    its own HF_HOME; returns each machine's log."""
+    its own HF_HOME; returns the two launchers."""
     port = free_port()
-    launchers = [
+    return [
         start_two(
             ROOT / "train_controlnet.py",
             argv,
@@ -393,6 +430,10 @@ def two_machines(argv: list[str], homes: tuple[Path, Path]) -> list[str]:
         )
         for rank, home in enumerate(homes)
     ]
+
+
+def machine_logs(launchers: list[subprocess.Popen]) -> list[str]:
+    """Each machine's log, once both have finished."""
     done = [wait_two(launcher, check=False) for launcher in launchers]
     # Every machine's log: the one that failed first shows the cause, the other only a lost peer.
     for rank, machine in enumerate(done):
@@ -407,12 +448,12 @@ def test_each_machine_builds_its_copy_of_the_embeddings_cache(assets, tmp_path):
     other machine's build folder is removed. Both runs train the same weights."""
     common = {"train_batch_size": 2, "max_train_steps": 3, "cache_latents": True, "cache_text_embeddings": True}
     own_homes = (tmp_path / "home0", tmp_path / "home1")
-    own = two_machines(train_argv(assets, tmp_path / "own", **common), own_homes)
+    own = machine_logs(two_machines(train_argv(assets, tmp_path / "own", **common), own_homes))
     for log, home in zip(own, own_homes, strict=True):
         assert f"Caching embeddings of 24 rows in {home}" in log
         assert len(list((home / "controlnet_trainer").glob("*/complete.json"))) == 1
     shared = tmp_path / "shared"
-    logs = two_machines(train_argv(assets, tmp_path / "shared-run", **common), (shared, shared))
+    logs = machine_logs(two_machines(train_argv(assets, tmp_path / "shared-run", **common), (shared, shared)))
     assert sum("first; using its copy" in log for log in logs) == 1
     assert len(list((shared / "controlnet_trainer").iterdir())) == 1  # one copy, no build folder left
     a, b = load_file(tmp_path / "own" / WEIGHTS), load_file(tmp_path / "shared-run" / WEIGHTS)
@@ -475,22 +516,14 @@ def test_streaming_ranks_share_the_stream_and_match_one_process(assets, tmp_path
     probe_script.write_text(PROBE)
     probe_dir.mkdir()
     common = {"streaming": True, "max_train_steps": 4, "shuffle_buffer_size": 8}
-    launch_two(
+    launched = start_two(
         probe_script,
         train_argv(assets, tmp_path / "two", train_batch_size=2, **flags(assets, **common)),
         PROBE_DIR=str(probe_dir),
     )
     one_dir = tmp_path / "one"
-    seen: list[list[int]] = []
-    loss = loop.micro_batch_loss
-
-    def recorded(batch, *args, **kwargs):
-        seen.append(list(batch["index"]))
-        return loss(batch, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop, "micro_batch_loss", recorded)
-        run(train_argv(assets, one_dir, train_batch_size=4, **flags(assets, **common)))
+    seen = beside(launched, lambda: one_process(assets, one_dir, **common))
+    wait_two(launched)
     rank0, rank1 = (read_probe(probe_dir, rank) for rank in (0, 1))
     for a, b, whole in zip(rank0, rank1, seen, strict=True):
         assert not set(a) & set(b) and sorted(a + b) == sorted(whole)
@@ -524,13 +557,15 @@ def test_streaming_ranks_read_their_own_shards_end_epochs_together_and_resume(as
     def argv(output_dir: Path, **extra) -> list[str]:
         return train_argv(assets, output_dir, train_batch_size=2, **flags(assets, **common, **extra))
 
-    straight = launch_two(probe_script, argv(tmp_path / "straight"), PROBE_DIR=str(probe_dir))
+    resumed = tmp_path / "resumed"
+    # The straight run and the one stopped at step 6 train side by side.
+    straight_launch = start_two(probe_script, argv(tmp_path / "straight"), PROBE_DIR=str(probe_dir))
+    stopped_launch = start_two(ROOT / "train_controlnet.py", argv(resumed, stop_at_step=6))
+    straight, _ = wait_two(straight_launch), wait_two(stopped_launch)
     assert "Each of the 2 ranks reads its own 2 of the stream's 4 shards" in straight.stderr
     lengths = [epoch_lengths(read_probe(probe_dir, rank)) for rank in (0, 1)]
     assert lengths[0] == lengths[1] == [5, 3], lengths
 
-    resumed = tmp_path / "resumed"
-    launch_two(ROOT / "train_controlnet.py", argv(resumed, stop_at_step=6))
     state = json.loads((resumed / "checkpoint-6" / "training_state.json").read_text())
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 1)
     launch_two(ROOT / "train_controlnet.py", argv(resumed, resume_from_checkpoint="latest"))
