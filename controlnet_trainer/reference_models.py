@@ -1,9 +1,13 @@
-"""The published SD 1.5 and SDXL base architectures with random weights, for GPU benchmarks.
+"""The published SD 1.5, SDXL and SD3 base architectures with random weights, for benchmarks.
 
 Nothing is downloaded: the configs below are those of runwayml/stable-diffusion-v1-5 and
 stabilityai/stable-diffusion-xl-base-1.0 (UNet, VAE, text encoders, training scheduler), so a
 step costs what it costs on the real models. Only the tokenizer is the fixtures' small-vocabulary
 CLIP tokenizer: it changes which token ids a prompt becomes, not the arithmetic of a step.
+
+The SD3 family (stabilityai/stable-diffusion-3-medium-diffusers, stable-diffusion-3.5-medium and
+stable-diffusion-3.5-large: transformer, VAE, CLIP-L, CLIP-G, T5 v1.1 XXL encoder) is built on the
+meta device only, to size its training memory (``benchmarks/sd3_memory.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +18,23 @@ from pathlib import Path
 
 import torch
 import transformers
-from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DDPMScheduler,
+    SD3ControlNetModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 from . import fixtures
 from .families import Models, TextConditioning, sd
@@ -69,6 +87,63 @@ OPENCLIP_BIGG = {
     "num_hidden_layers": 32,
     "projection_dim": 1280,
     "hidden_act": "gelu",
+}
+# SD3's MMDiT transformers. The 3.5 releases add RMS-normed queries and keys; 3.5 Medium also has
+# a second image self-attention in its first 13 blocks (MMDiT-X) and a 384x384 grid of positions.
+SD3_MEDIUM_TRANSFORMER = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "num_attention_heads": 24,
+    "attention_head_dim": 64,
+    "caption_projection_dim": 1536,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
+}
+SD35_MEDIUM_TRANSFORMER = {
+    **SD3_MEDIUM_TRANSFORMER,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": list(range(13)),
+    "qk_norm": "rms_norm",
+}
+SD35_LARGE_TRANSFORMER = {
+    **SD3_MEDIUM_TRANSFORMER,
+    "num_layers": 38,
+    "num_attention_heads": 38,
+    "caption_projection_dim": 2432,
+    "qk_norm": "rms_norm",
+}
+SD3_TRANSFORMERS = {
+    "sd3-medium": SD3_MEDIUM_TRANSFORMER,
+    "sd3.5-medium": SD35_MEDIUM_TRANSFORMER,
+    "sd3.5-large": SD35_LARGE_TRANSFORMER,
+}
+# One VAE for all three: 16 latent channels, no quant convs, latents shifted then scaled.
+SD3_VAE = {
+    **VAE,
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "scaling_factor": 1.5305,
+    "shift_factor": 0.0609,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "force_upcast": True,
+}
+# google/t5-v1_1-xxl, of which SD3 loads the encoder alone.
+T5_XXL = {
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6,
 }
 # The scheduler both training scripts load; inference schedulers do not enter a training step.
 SCHEDULER = {
@@ -141,6 +216,45 @@ def components(family: str, tokenizers: dict[str, CLIPTokenizer], width_divisor:
             "text_encoder_2": text_encoder(OPENCLIP_BIGG, tokenizers["tokenizer_2"], projection=True),
         }
     raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+
+
+def sd3_components(base: str) -> dict[str, torch.nn.Module]:
+    """Transformer, VAE, CLIP-L, CLIP-G and T5 encoder of ``base`` on the current default device.
+
+    ``base`` is a key of ``SD3_TRANSFORMERS``. Meant for ``torch.device("meta")``: the T5 encoder
+    alone holds 4.76 billion weights.
+    """
+    if base not in SD3_TRANSFORMERS:
+        raise ValueError(f"base must be one of {tuple(SD3_TRANSFORMERS)}, not {base!r}")
+    clip = {"vocab_size": 49408, "max_position_embeddings": fixtures.MODEL_MAX_LENGTH}
+    return {
+        "transformer": SD3Transformer2DModel(**SD3_TRANSFORMERS[base]),
+        "vae": AutoencoderKL(**SD3_VAE),
+        "text_encoder": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_VIT_L, **clip)),
+        "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG, **clip)),
+        "text_encoder_3": T5EncoderModel(T5Config(**T5_XXL)),
+    }
+
+
+def meta_sd3_training_parts(base: str) -> dict[str, torch.nn.Module]:
+    """``sd3_components(base)`` on the meta device plus the ControlNet diffusers' SD3 script trains.
+
+    The ControlNet is ``SD3ControlNetModel.from_transformer`` with its defaults (the first 12
+    blocks) and no extra conditioning channels. ``from_transformer`` writes its ``num_layers``
+    (and ``extra_conditioning_channels``) into the transformer's config dict, so every call builds
+    a transformer of its own and puts its ``num_layers`` back.
+    """
+    with torch.device("meta"):
+        parts = sd3_components(base)
+        transformer = parts["transformer"]
+        num_layers = transformer.config.num_layers
+        parts["controlnet"] = SD3ControlNetModel.from_transformer(transformer, num_extra_conditioning_channels=0)
+    transformer.register_to_config(num_layers=num_layers)
+    return parts
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
 
 
 def write_tokenizers(family: str, path: Path) -> dict[str, CLIPTokenizer]:
