@@ -22,6 +22,8 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DDPMScheduler,
+    FluxControlNetModel,
+    FluxTransformer2DModel,
     SD3ControlNetModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
@@ -361,6 +363,98 @@ def step_flops(parts: dict[str, torch.nn.Module], resolution: int) -> dict[str, 
     )
     trained = _count_flops(step)
     return {"cached": trained, "uncached": trained + frozen}
+
+
+# FLUX.1-dev ---------------------------------------------------------------------------------
+# The configs of black-forest-labs/FLUX.1-dev (transformer, VAE, CLIP-L, T5-XXL encoder), for
+# counting parameters and memory on the meta device; nothing here builds a training step.
+
+FLUX_DEV_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+FLUX_VAE = {
+    **VAE,
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "shift_factor": 0.1159,
+    "scaling_factor": 0.3611,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "force_upcast": True,
+}
+# openai/clip-vit-large-patch14's text model (FLUX.1's text_encoder) and google/t5-v1_1-xxl's
+# encoder (its text_encoder_2).
+FLUX_CLIP_L = {
+    **CLIP_VIT_L,
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+}
+T5_XXL = {
+    "d_model": 4096,
+    "d_ff": 10240,
+    "d_kv": 64,
+    "num_heads": 64,
+    "num_layers": 24,
+    "vocab_size": 32128,
+    "feed_forward_proj": "gated-gelu",
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "tie_word_embeddings": False,
+}
+# (double, single) transformer blocks of a ControlNet made with FluxControlNetModel.from_transformer:
+# its own default (4, 10), diffusers' train_controlnet_flux.py default (4, 4), and smaller ones.
+FLUX_CONTROLNET_SIZES = ((4, 10), (4, 4), (4, 0), (2, 0))
+
+
+def flux_components(device: str | torch.device = "meta") -> dict[str, torch.nn.Module]:
+    """FLUX.1-dev's transformer, VAE and text encoders with random weights (meta: no memory)."""
+    with torch.device(device):
+        return {
+            "transformer": FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER),
+            "vae": AutoencoderKL(**FLUX_VAE),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**FLUX_CLIP_L)),
+            "text_encoder_2": T5EncoderModel(T5Config(**T5_XXL)),
+        }
+
+
+def flux_controlnet(transformer: FluxTransformer2DModel, double: int, single: int) -> FluxControlNetModel:
+    """``FluxControlNetModel.from_transformer`` with ``double`` + ``single`` blocks, on ``transformer``'s device.
+
+    On the meta device there are no weights to copy, so the copy is left out.
+    """
+    meta = transformer.device.type == "meta"
+    with torch.device(transformer.device):
+        return FluxControlNetModel.from_transformer(
+            transformer,
+            num_layers=double,
+            num_single_layers=single,
+            attention_head_dim=transformer.config.attention_head_dim,
+            num_attention_heads=transformer.config.num_attention_heads,
+            load_weights_from_transformer=not meta,
+        )
+
+
+def flux_parameter_counts(sizes: Sequence[tuple[int, int]] = FLUX_CONTROLNET_SIZES) -> dict[str, int]:
+    """Parameters of FLUX.1-dev's parts and of a ControlNet per (double, single) size, on meta tensors.
+
+    Keys: the component names of ``flux_components``, then ``controlnet_<double>_<single>``.
+    """
+    parts = flux_components("meta")
+    counts = {name: parameter_count(module) for name, module in parts.items()}
+    for double, single in sizes:
+        counts[f"controlnet_{double}_{single}"] = parameter_count(flux_controlnet(parts["transformer"], double, single))
+    return counts
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
