@@ -231,17 +231,12 @@ def markdown(result: dict, activation_gib: float, budget_gib: float) -> str:
     return "\n".join(lines)
 
 
-SMALL_FLUX = {
-    "patch_size": 1,
-    "in_channels": 64,
+SMALL_FLUX = reference_models.FLUX_DEV_TRANSFORMER | {
     "num_layers": 2,
     "num_single_layers": 4,
-    "attention_head_dim": 128,
     "num_attention_heads": 2,
     "joint_attention_dim": 256,
     "pooled_projection_dim": 64,
-    "guidance_embeds": True,
-    "axes_dims_rope": [16, 56, 56],
 }
 QUANTIZATIONS = {
     "nf4": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16},
