@@ -33,6 +33,11 @@ class ModelSettings:
     max_sequence_length: int = 77
     drop_t5: bool = False
     upcast_vae: bool = False
+    # Flux: the ControlNet's blocks, the guidance scale, the frozen transformer's quantization.
+    num_double_layers: int = 4
+    num_single_layers: int = 4
+    guidance_scale: float = 3.5
+    quantize_base: str | None = None
 
     def named_flags(self) -> list[str]:
         """The flags that chose the models, for messages about a failed load."""
@@ -111,7 +116,8 @@ class ObjectiveSettings:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    precondition_outputs: int = 1
+    # 0 for Flux's script, which has no such flag; SD3's flag defaults to 1.
+    precondition_outputs: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Model families: everything that differs between SD 1.x/2.x, SDXL and the families to come.
 
 A family is a record of plain values and functions (``ModelFamily``), one module each
-(``sd``, ``sdxl``, ``sd3``), composed from shared parts (``components`` for loading and memory
+(``sd``, ``sdxl``, ``sd3``, ``flux``), composed from shared parts (``components`` for loading and memory
 options, ``unet`` for the UNet models, ``ddpm`` for the DDPM objective, ``flow`` for flow matching). The trainer, the cache, validation and the fidelity measure call the record
 and never ask which family they run. Adding a family means a module here, its name in
 ``_MODULES`` and a thin entry script.
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from ..settings import ModelSettings, ObjectiveSettings
 
 # Family name -> module under families/ that defines FAMILY.
-_MODULES = {"sd": "sd", "sdxl": "sdxl", "sd3": "sd3"}
+_MODULES = {"sd": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,12 +46,14 @@ class Models:
     tokenizers: tuple
     text_encoders: tuple
     vae: torch.nn.Module
-    denoiser: torch.nn.Module  # the UNet of SD and SDXL, the transformer of SD3
+    denoiser: torch.nn.Module  # the UNet of SD and SDXL, the transformer of SD3 and Flux
     controlnet: torch.nn.Module
     noise_scheduler: Any
     # How the family encodes prompts beyond the tokenizers' own lengths (SD3: the T5 length and
     # whether T5 is used); part of the embeddings cache key.
     text_options: dict = dataclasses.field(default_factory=dict)
+    # Inputs of the forward call that come from flags (Flux: the guidance scale).
+    forward_options: dict = dataclasses.field(default_factory=dict)
 
     def frozen(self) -> tuple[torch.nn.Module, ...]:
         return (*self.text_encoders, self.vae, self.denoiser)
@@ -126,7 +128,7 @@ class ModelFamily:
 
 
 def by_name(name: str) -> ModelFamily:
-    """The family registered as ``name`` ("sd", "sdxl", "sd3")."""
+    """The family registered as ``name`` ("sd", "sdxl", "sd3", "flux")."""
     return importlib.import_module(f".{_MODULES[name]}", __name__).FAMILY
 
 

@@ -70,16 +70,23 @@ def load_vae(settings):
 
 
 def place_models(
-    models: Models, *, device: torch.device, weight_dtype: torch.dtype, vae_dtype: torch.dtype | None = None
+    models: Models,
+    *,
+    device: torch.device,
+    weight_dtype: torch.dtype,
+    vae_dtype: torch.dtype | None = None,
+    move_denoiser: bool = True,
 ) -> None:
     """Frozen models go to the device in the mixed-precision dtype (the VAE in ``vae_dtype`` when
-    given); the ControlNet stays fp32."""
+    given; the denoiser stays put without ``move_denoiser``: a quantized one is loaded in place);
+    the ControlNet stays fp32."""
     for module in models.frozen():
         module.requires_grad_(False)
         module.eval()
     models.controlnet.train()
     models.vae.to(device, dtype=vae_dtype or weight_dtype)
-    models.denoiser.to(device, dtype=weight_dtype)
+    if move_denoiser:
+        models.denoiser.to(device, dtype=weight_dtype)
     for encoder in models.text_encoders:
         encoder.to(device, dtype=weight_dtype)
 

@@ -18,8 +18,9 @@ from ..errors import ArgumentError
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """The objective's flags, as diffusers' SD3 and Flux scripts name them."""
+def add_flags(parser: argparse.ArgumentParser, *, precondition: bool = True) -> None:
+    """The objective's flags, as diffusers' SD3 and Flux scripts name them; ``precondition``: the
+    script has --precondition_outputs (SD3's does, Flux's does not)."""
     group = parser.add_argument_group("flow-matching objective")
     group.add_argument(
         "--weighting_scheme",
@@ -40,6 +41,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         default=1.29,
         help="Scale of the mode timestep density (with --weighting_scheme=mode).",
     )
+    if not precondition:
+        return
     group.add_argument(
         "--precondition_outputs",
         type=int,
@@ -52,7 +55,7 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 def check_flags(args: argparse.Namespace) -> None:
     if args.logit_std <= 0:
         raise ArgumentError(f"`--logit_std` must be positive (1.0 is the SD3 paper's), got {args.logit_std}.")
-    if args.precondition_outputs not in (0, 1):
+    if vars(args).get("precondition_outputs", 0) not in (0, 1):
         raise ArgumentError(f"`--precondition_outputs` is 1 (on) or 0 (off), got {args.precondition_outputs}.")
 
 

@@ -1,0 +1,392 @@
+"""FLUX.1: CLIP-L (pooled) and T5, a transformer of double- and single-stream blocks
+(``FluxTransformer2DModel``) on 2x2-packed latents, a 16-channel VAE with a shift, guidance
+distillation (a guidance-scale embedding), and the flow-matching objective it shares with SD3.
+
+The ControlNet (``FluxControlNetModel``) copies the first double and single blocks and adds one
+residual per block to the transformer's image tokens. Its conditioning image goes through the VAE
+and is packed like the latents, as FluxControlNetPipeline prepares it. Latents stay unpacked
+outside ``predict``, so the cache, the objective and the fidelity measure treat them as any
+family's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+
+import torch
+
+from ..errors import ArgumentError
+from ..models import ModelError, check_local_path
+from . import Defaults, ModelCard, ModelFamily, Models, TextConditioning, components, flow, to_latents, token_ids
+
+logger = logging.getLogger(__name__)
+
+TEXT_COMPONENTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+_ENCODER_CLASSES = {"text_encoder": ("CLIPTextModel",), "text_encoder_2": ("T5EncoderModel",)}
+MAX_SEQUENCE_LENGTH = 512  # the Flux pipelines refuse longer T5 prompts
+RESOLUTION_MULTIPLE = 16  # 8x VAE downsampling times 2x2 packing
+QUANTIZATIONS = ("nf4", "int8")
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    flow.add_flags(parser, precondition=False)
+    group = parser.add_argument_group("Flux")
+    group.add_argument(
+        "--num_double_layers",
+        type=int,
+        default=4,
+        help="Double-stream blocks of a ControlNet built from the transformer.",
+    )
+    group.add_argument(
+        "--num_single_layers",
+        type=int,
+        default=4,
+        help="Single-stream blocks of a ControlNet built from the transformer.",
+    )
+    group.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=3.5,
+        help="The guidance scale given to FLUX.1-dev's guidance embedding in training and validation.",
+    )
+    group.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=77,
+        help="T5 prompt length in tokens, for training and the validation images (at most 512).",
+    )
+    group.add_argument(
+        "--quantize_base",
+        type=str,
+        default=None,
+        choices=QUANTIZATIONS,
+        help="Load the frozen transformer quantized by bitsandbytes (nf4: 4-bit, int8: 8-bit) to fit "
+        "small cards; gradients still reach the ControlNet through it. Needs a CUDA GPU.",
+    )
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    flow.check_flags(args)
+    if args.resolution % RESOLUTION_MULTIPLE:
+        raise ArgumentError(
+            f"`--resolution` must be a multiple of {RESOLUTION_MULTIPLE} for Flux (the VAE downsamples 8x and "
+            f"latents are packed in 2x2 patches); got {args.resolution}, try "
+            f"{max(RESOLUTION_MULTIPLE, args.resolution // RESOLUTION_MULTIPLE * RESOLUTION_MULTIPLE)}."
+        )
+    if not 1 <= args.max_sequence_length <= MAX_SEQUENCE_LENGTH:
+        raise ArgumentError(
+            f"`--max_sequence_length` must be between 1 and {MAX_SEQUENCE_LENGTH} (the Flux pipelines' "
+            f"limit), got {args.max_sequence_length}."
+        )
+    for name in ("num_double_layers", "num_single_layers"):
+        if getattr(args, name) < 0:
+            raise ArgumentError(f"`--{name}` must be 0 or more, got {getattr(args, name)}.")
+    if args.num_double_layers + args.num_single_layers == 0:
+        raise ArgumentError("A ControlNet needs at least one block: raise --num_double_layers or --num_single_layers.")
+
+
+def load_models(settings) -> Models:
+    """Tokenizers, CLIP and T5, VAE, transformer (quantized with --quantize_base), flow-matching
+    scheduler and the ControlNet to train."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    base = settings.pretrained_model_name_or_path
+    common = {"revision": settings.revision, "cache_dir": settings.cache_dir}
+    subfolders = [tokenizer for tokenizer, _ in TEXT_COMPONENTS]
+    tokenizers = tuple(components.load_tokenizer(settings, sub, subfolders=subfolders) for sub in subfolders)
+    text_encoders = tuple(
+        components.load_text_encoder(settings, sub, classes=_ENCODER_CLASSES[sub]) for _, sub in TEXT_COMPONENTS
+    )
+    vae = components.load_vae(settings)
+    transformer = _load_transformer(settings)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(base, subfolder="scheduler", **common)
+    controlnet = load_controlnet(settings, transformer)
+    return Models(
+        tokenizers,
+        text_encoders,
+        vae,
+        transformer,
+        controlnet,
+        scheduler,
+        text_options={"max_sequence_length": settings.max_sequence_length},
+        forward_options={"guidance_scale": settings.guidance_scale},
+    )
+
+
+def _load_transformer(settings):
+    from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
+
+    common = {"revision": settings.revision, "cache_dir": settings.cache_dir, "variant": settings.variant}
+    if settings.quantize_base is None:
+        return FluxTransformer2DModel.from_pretrained(
+            settings.pretrained_model_name_or_path, subfolder="transformer", **common
+        )
+    if settings.quantize_base == "nf4":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return FluxTransformer2DModel.from_pretrained(
+        settings.pretrained_model_name_or_path,
+        subfolder="transformer",
+        quantization_config=config,
+        torch_dtype=torch.bfloat16,
+        **common,
+    )
+
+
+def load_controlnet(settings, transformer):
+    """The ControlNet to train: its first blocks copied from the transformer, or a diffusers folder."""
+    from diffusers import FluxControlNetModel
+
+    source = settings.controlnet_model_name_or_path
+    if not source:
+        logger.info(
+            "Initializing the ControlNet from the transformer's weights (%d double, %d single blocks)",
+            settings.num_double_layers,
+            settings.num_single_layers,
+        )
+        if settings.quantize_base is not None:
+            return _controlnet_from_files(settings, transformer)
+        return FluxControlNetModel.from_transformer(
+            transformer,
+            num_layers=settings.num_double_layers,
+            num_single_layers=settings.num_single_layers,
+            attention_head_dim=transformer.config.attention_head_dim,
+            num_attention_heads=transformer.config.num_attention_heads,
+        )
+    check_local_path(source, "--controlnet_model_name_or_path")
+    logger.info("Loading the ControlNet from %s", source)
+    try:
+        config = FluxControlNetModel.load_config(source, cache_dir=settings.cache_dir)
+    except OSError as error:
+        raise ModelError(
+            f"`--controlnet_model_name_or_path` {source!r} holds no diffusers ControlNet ({' '.join(str(error).split())}). "
+            "Point it at a folder or hub repo with config.json and diffusion_pytorch_model.safetensors."
+        ) from error
+    if config.get("_class_name") != "FluxControlNetModel":
+        raise ModelError(
+            f"`--controlnet_model_name_or_path` {source!r} is a {config.get('_class_name')}, not a "
+            "FluxControlNetModel: use a ControlNet made for Flux, or omit the flag to build one from the transformer."
+        )
+    return FluxControlNetModel.from_pretrained(source, cache_dir=settings.cache_dir)
+
+
+def _controlnet_from_files(settings, transformer):
+    """``from_transformer``'s ControlNet for a quantized transformer, whose 4- or 8-bit weights cannot
+    be copied into fp32 blocks: the same weights read from the transformer's own files."""
+    from diffusers import FluxControlNetModel
+    from diffusers.models.model_loading_utils import load_state_dict
+    from diffusers.utils import _get_model_file
+
+    config = dict(transformer.config)
+    config |= {"num_layers": settings.num_double_layers, "num_single_layers": settings.num_single_layers}
+    controlnet = FluxControlNetModel.from_config(config)
+    wanted = controlnet.state_dict()
+    copied = {}
+    for path in _transformer_files(settings, _get_model_file):
+        for name, value in load_state_dict(path).items():
+            if name in wanted and not name.startswith(("controlnet_", "input_hint_block")):
+                copied[name] = value.to(torch.float32)
+    controlnet.load_state_dict(copied, strict=False)
+    return controlnet
+
+
+def _transformer_files(settings, get_model_file) -> list[str]:
+    """The transformer's weight files (one, or the shards its index lists)."""
+    import json
+    import os
+
+    common = {
+        "subfolder": "transformer",
+        "revision": settings.revision,
+        "cache_dir": settings.cache_dir,
+        "local_files_only": False,
+    }
+    base = settings.pretrained_model_name_or_path
+    try:
+        index = get_model_file(base, weights_name="diffusion_pytorch_model.safetensors.index.json", **common)
+    except (OSError, EnvironmentError):
+        return [get_model_file(base, weights_name="diffusion_pytorch_model.safetensors", **common)]
+    with open(index) as handle:
+        shards = sorted(set(json.load(handle)["weight_map"].values()))
+    return [os.path.join(os.path.dirname(index), shard) for shard in shards]
+
+
+def encode_prompts(models: Models, prompts: list[str]) -> TextConditioning:
+    """The Flux pipelines' prompt embeddings: T5's hidden states, and CLIP's pooled output."""
+    (clip_tokenizer, t5_tokenizer), (clip, t5) = models.tokenizers, models.text_encoders
+    pooled = clip(token_ids(clip_tokenizer, prompts, clip.device), output_hidden_states=False).pooler_output
+    length = models.text_options["max_sequence_length"]
+    hidden = t5(token_ids(t5_tokenizer, prompts, t5.device, max_length=length), output_hidden_states=False)[0]
+    return TextConditioning(hidden, pooled.to(hidden.device))
+
+
+def no_added_conditioning(text: TextConditioning, batch: dict, *, resolution: int, crop_override) -> None:
+    return
+
+
+def encode_control(models: Models, pixels: torch.Tensor, generators) -> torch.Tensor:
+    """The conditioning image as FluxControlNetPipeline prepares it: VAE latents of [-1, 1] pixels,
+    shifted and scaled (a posterior sample, or the mean for ``generators=None``); packed in
+    ``predict``. XLabs ControlNets (with an ``input_hint_block``) take the pixels themselves."""
+    vae = models.vae
+    scaled = (pixels * 2 - 1).to(vae.device, vae.dtype)
+    if _bare(models.controlnet).input_hint_block is not None:
+        return scaled
+    posterior = vae.encode(scaled).latent_dist
+    return to_latents(vae, posterior.mean if generators is None else posterior.sample(generator=generators))
+
+
+def _bare(controlnet):
+    """The ControlNet itself, through a DDP or DeepSpeed wrapper (which holds it as ``module``)."""
+    return getattr(controlnet, "module", controlnet)
+
+
+def place_models(models: Models, *, device, weight_dtype, settings) -> None:
+    """As every family places them, except that a quantized transformer stays where bitsandbytes
+    put it (on the GPU, in its own dtypes)."""
+    quantized = settings.quantize_base is not None
+    components.place_models(models, device=device, weight_dtype=weight_dtype, move_denoiser=not quantized)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[b, c, h, w] latents as [b, h/2 * w/2, 4c] tokens of 2x2 patches (FluxPipeline._pack_latents)."""
+    b, c, h, w = latents.shape
+    patches = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``pack``'s inverse, for latents of ``height`` x ``width``."""
+    b, _, channels = tokens.shape
+    patches = tokens.reshape(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(b, channels // 4, height, width)
+
+
+def image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
+    """(row, column) positions of the packed tokens, as the pipeline's latent image ids."""
+    ids = torch.zeros(height // 2, width // 2, 3)
+    ids[..., 1] = torch.arange(height // 2)[:, None]
+    ids[..., 2] = torch.arange(width // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def predict(
+    models: Models,
+    controlnet,
+    *,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    text: TextConditioning,
+    controlnet_image: torch.Tensor | None,
+    added_cond_kwargs: dict | None,
+    weight_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The transformer's velocity with the ControlNet's block residuals (none if the image is None),
+    called as FluxControlNetPipeline calls them; unpacked to the latents' shape."""
+    batch, _, height, width = noisy_latents.shape
+    device = noisy_latents.device
+    tokens = pack(noisy_latents)
+    ids = {
+        "img_ids": image_ids(height, width, device, weight_dtype),
+        "txt_ids": torch.zeros(text.encoder_hidden_states.shape[1], 3, device=device, dtype=weight_dtype),
+    }
+    scale = torch.full((batch,), models.forward_options["guidance_scale"], device=device)
+    timestep = timesteps / 1000  # Flux's modules take the schedule's t in [0, 1]
+    residuals = {}
+    if controlnet_image is not None:
+        bare = _bare(controlnet)
+        hint = bare.input_hint_block is not None
+        block_samples, single_samples = controlnet(
+            hidden_states=tokens,
+            controlnet_cond=controlnet_image if hint else pack(controlnet_image),
+            timestep=timestep,
+            guidance=scale if bare.config.guidance_embeds else None,
+            pooled_projections=text.pooled,
+            encoder_hidden_states=text.encoder_hidden_states,
+            return_dict=False,
+            **ids,
+        )
+        residuals = {
+            "controlnet_block_samples": _cast(block_samples, weight_dtype),
+            "controlnet_single_block_samples": _cast(single_samples, weight_dtype),
+            "controlnet_blocks_repeat": hint,  # XLabs ControlNets repeat their few residuals
+        }
+    velocity = models.denoiser(
+        hidden_states=tokens.to(weight_dtype),
+        timestep=timestep,
+        guidance=scale if models.denoiser.config.guidance_embeds else None,
+        pooled_projections=text.pooled.to(weight_dtype),
+        encoder_hidden_states=text.encoder_hidden_states.to(weight_dtype),
+        return_dict=False,
+        **ids,
+        **residuals,
+    )[0]
+    return unpack(velocity, height, width)
+
+
+def _cast(samples, dtype: torch.dtype):
+    return None if samples is None else [sample.to(dtype) for sample in samples]
+
+
+def pipeline_components(models: Models, controlnet) -> dict:
+    """A FluxControlNetPipeline's components around the models in memory."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    parts = {"transformer": models.denoiser, "vae": models.vae, "controlnet": controlnet}
+    for (tok_name, enc_name), tokenizer, encoder in zip(
+        TEXT_COMPONENTS, models.tokenizers, models.text_encoders, strict=True
+    ):
+        parts[tok_name] = tokenizer
+        parts[enc_name] = encoder
+    # A copy: the pipeline sets its own timesteps, which must not change the training schedule's.
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(models.noise_scheduler.config)
+    return parts
+
+
+def pipeline_inputs(models: Models, conditioning) -> dict:
+    return {
+        "control_image": conditioning,
+        "max_sequence_length": models.text_options["max_sequence_length"],
+        "guidance_scale": models.forward_options["guidance_scale"],
+    }
+
+
+def is_flux_transformer(config: dict) -> bool:
+    return config.get("_class_name") == "FluxTransformer2DModel"
+
+
+FAMILY = ModelFamily(
+    name="flux",
+    title="Flux",
+    script="train_controlnet_flux.py",
+    description="Train a ControlNet for FLUX.1.",
+    defaults=Defaults(resolution=512, image_interpolation_mode="bilinear", tracker_project_name="flux_train_controlnet"),
+    card=ModelCard(
+        tags=("flux", "flux-diffusers"), license="other", controlnet_class="FluxControlNetModel"
+    ),
+    add_flags=add_flags,
+    check_flags=check_flags,
+    denoiser_subfolder="transformer",
+    is_own_denoiser=is_flux_transformer,
+    text_components=TEXT_COMPONENTS,
+    load_models=load_models,
+    place_models=place_models,
+    enable_memory_options=components.enable_memory_options,
+    encode_prompts=encode_prompts,
+    added_conditioning=no_added_conditioning,
+    encode_control=encode_control,
+    control_uses_vae=True,
+    sample_noise=flow.sample_noise,
+    loss=functools.partial(flow.flow_loss, predict=predict),
+    schedule_timesteps=flow.schedule_timesteps,
+    pipeline_class="FluxControlNetPipeline",
+    pipeline_components=pipeline_components,
+    pipeline_inputs=pipeline_inputs,
+    save_single_file=None,
+    unused_parameters=True,
+)
