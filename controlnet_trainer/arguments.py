@@ -313,7 +313,7 @@ def _add_stream_flags(group) -> None:
     )
 
 
-def _validation_group(parser: argparse.ArgumentParser) -> None:
+def _validation_group(parser: argparse.ArgumentParser, family: ModelFamily) -> None:
     group = parser.add_argument_group("validation")
     group.add_argument(
         "--validation_prompt",
@@ -329,7 +329,12 @@ def _validation_group(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         help="Conditioning image paths; one image pairs with every prompt.",
     )
-    group.add_argument("--num_validation_images", type=int, default=4)
+    group.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=family.defaults.num_validation_images,
+        help="Images generated per validation prompt and image pair.",
+    )
     group.add_argument("--validation_steps", type=int, default=100)
     group.add_argument(
         "--fidelity_samples",
@@ -389,7 +394,7 @@ def build_parser(family: ModelFamily) -> argparse.ArgumentParser:
     _speed_group(parser)
     _processes_group(parser)
     _data_group(parser)
-    _validation_group(parser)
+    _validation_group(parser, family)
     _hub_group(parser)
     if family.add_flags is not None:
         family.add_flags(parser)
@@ -398,11 +403,7 @@ def build_parser(family: ModelFamily) -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """Raise ArgumentError for flags that cannot work together; never modifies ``args``."""
-    if args.dataset_name is None and args.train_data_dir is None:
-        raise ArgumentError(
-            "No training data: specify either `--dataset_name` (a hub id or a local dataset "
-            "directory) or `--train_data_dir` (a local folder)."
-        )
+    _check_data_source(args)
     if not 0 <= args.proportion_empty_prompts <= 1:
         raise ArgumentError(
             f"`--proportion_empty_prompts` must be in the range [0, 1], got {args.proportion_empty_prompts}."
@@ -436,6 +437,21 @@ def check_args(args: argparse.Namespace) -> None:
     _check_folders(args)
     # Last: it imports accelerate (and torch), which the checks above answer without.
     _check_tracker(args.report_to)
+
+
+def _check_data_source(args: argparse.Namespace) -> None:
+    jsonl = vars(args).get("jsonl_for_train")  # Flux's script has the flag
+    if args.dataset_name is None and args.train_data_dir is None and jsonl is None:
+        raise ArgumentError(
+            "No training data: specify either `--dataset_name` (a hub id or a local dataset "
+            "directory) or `--train_data_dir` (a local folder)"
+            + (" or `--jsonl_for_train` (a JSON-lines file of rows)." if "jsonl_for_train" in vars(args) else ".")
+        )
+    if jsonl is not None and (args.dataset_name is not None or args.train_data_dir is not None):
+        raise ArgumentError(
+            "`--jsonl_for_train` is the training data by itself; drop `--dataset_name`/`--train_data_dir` "
+            "or the JSON-lines file."
+        )
 
 
 def _check_streaming(args: argparse.Namespace) -> None:

@@ -2,7 +2,7 @@
 
 A checkpoint is ``<output_dir>/checkpoint-<step>/`` holding Accelerate's state (optimizer,
 scheduler, random states), the ControlNet in ``save_pretrained`` form under ``controlnet/``
-and ``training_state.json``, the named progress that resuming reads.
+(``flux_controlnet/`` for Flux, as diffusers names it) and ``training_state.json``, the named progress that resuming reads.
 
 diffusers' training scripts write the same folders without ``training_state.json``; those resume
 too, with the progress derived from the step in the folder's name. A run never writes over or
@@ -31,9 +31,10 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "training_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # What diffusers' ControlNet scripts leave in a complete checkpoint: Accelerate's optimizer and
-# scheduler states and the ControlNet their save hook writes (the weights themselves are checked
-# apart, since they are stored as safetensors or as a .bin).
-DIFFUSERS_FILES = ("optimizer.bin", "scheduler.bin", "controlnet/config.json")
+# scheduler states and the ControlNet their save hook writes, in one of CONTROLNET_FOLDERS (its
+# config and weights are checked apart, since weights are stored as safetensors or as a .bin).
+DIFFUSERS_FILES = ("optimizer.bin", "scheduler.bin")
+CONTROLNET_FOLDERS = ("controlnet", "flux_controlnet")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
@@ -60,14 +61,15 @@ class TrainingProgress:
         return cls(**json.loads((directory / STATE_FILE).read_text()))
 
 
-def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None = None) -> None:
-    """Save the ControlNet (and its EMA) as diffusers models in checkpoints, load them back."""
+def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None = None, *, folder: str = "controlnet") -> None:
+    """Save the ControlNet (and its EMA) as diffusers models in checkpoints (the ControlNet in
+    ``folder``, the family's name for it), load them back."""
 
     def save_hook(models, weights, output_dir):
         for model in models:  # every rank: gathering shards or fp32 partitions is a collective
             full = sharding.controlnet_to_save(accelerator, model)
             if accelerator.is_main_process:
-                full.save_pretrained(Path(output_dir) / "controlnet")
+                full.save_pretrained(Path(output_dir) / folder)
         if ema is not None and accelerator.is_main_process:
             ema.save_pretrained(Path(output_dir) / "controlnet_ema")
         # Accelerate would also pickle the weights; the diffusers copy above is enough.
@@ -79,7 +81,7 @@ def register_model_hooks(accelerator: Accelerator, ema: EMAModel | None = None) 
         while models:
             controlnet = accelerator.unwrap_model(models.pop())
             model_class = sharding.controlnet_class(controlnet)
-            loaded = model_class.from_pretrained(input_dir, subfolder="controlnet")
+            loaded = model_class.from_pretrained(input_dir, subfolder=folder)
             controlnet.register_to_config(**loaded.config)
             controlnet.load_state_dict(loaded.state_dict())
             del loaded
@@ -120,10 +122,13 @@ def is_ours(path: Path) -> bool:
 
 
 def is_diffusers_checkpoint(path: Path) -> bool:
-    """A complete checkpoint of diffusers' train_controlnet.py or train_controlnet_sdxl.py."""
+    """A complete checkpoint of one of diffusers' ControlNet training scripts."""
     if is_ours(path) or not all((path / name).is_file() for name in DIFFUSERS_FILES):
         return False
-    return any((path / "controlnet" / name).is_file() for name in WEIGHT_FILES)
+    return any(
+        (path / folder / "config.json").is_file() and any((path / folder / name).is_file() for name in WEIGHT_FILES)
+        for folder in CONTROLNET_FOLDERS
+    )
 
 
 def foreign_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -257,7 +262,8 @@ def resolve_resume(output_dir: Path, resume_from: str | None) -> ResumePoint | N
     if not (is_ours(path) or is_diffusers_checkpoint(path)):
         raise CheckpointError(
             f"{path} is not a complete checkpoint: it has neither this trainer's {STATE_FILE} nor all of "
-            f"what diffusers' scripts save ({', '.join(DIFFUSERS_FILES)} and the ControlNet's weights); it "
+            f"what diffusers' scripts save ({', '.join(DIFFUSERS_FILES)} and the ControlNet's config and "
+            f"weights in {' or '.join(f'{folder}/' for folder in CONTROLNET_FOLDERS)}); it "
             "may have been cut off while saving. Resume from an earlier checkpoint or 'latest'."
         )
     return resume_point(path)

@@ -45,6 +45,8 @@ CONDITIONING_ALIASES = ("conditioning_image_file_name", "conditioning_file_name"
 # An indexed dataset streamed with --streaming is cut into this many shards, so that shuffling
 # the shard order every epoch mixes it beyond the reach of the shuffle buffer.
 STREAM_SHARDS = 64
+# Flux's flag for a JSON-lines file of rows whose relative paths are read from the working directory.
+JSONL_FLAG = "--jsonl_for_train"
 
 
 
@@ -61,8 +63,11 @@ class Source:
 
 
 def source_of(settings: DataSettings) -> Source:
-    """diffusers' reading of the two flags: --dataset_name, with --train_data_dir as its data_dir
-    when both are given; --train_data_dir alone is the dataset itself."""
+    """diffusers' reading of the flags: --dataset_name, with --train_data_dir as its data_dir
+    when both are given; --train_data_dir alone is the dataset itself; Flux's --jsonl_for_train
+    stands alone."""
+    if settings.jsonl_for_train is not None:
+        return Source(settings.jsonl_for_train, JSONL_FLAG)
     if settings.dataset_name is not None:
         return Source(settings.dataset_name, "--dataset_name", settings.train_data_dir)
     return Source(settings.train_data_dir, "--train_data_dir")
@@ -121,10 +126,10 @@ def load_stream(
     cache first; a save_to_disk folder or a metadata folder is small enough to index and is
     streamed from its arrow files.
     """
-    local = _local_path(source, flag)
+    local = None if flag == JSONL_FLAG else _local_path(source, flag)
     if local is not None:
         _refuse_file(local, source, flag)
-    folder = _data_folder(source, local, data_dir)
+    folder = Path(source) if flag == JSONL_FLAG else _data_folder(source, local, data_dir)
     if folder is not None and (_is_saved_dataset(folder) or _find_metadata(folder) is not None):
         rows = _load_rows(source, config_name, cache_dir, columns, flag, False, data_dir)
         return webdataset_columns(rows.to_iterable_dataset(num_shards=min(len(rows), STREAM_SHARDS)))
@@ -161,6 +166,8 @@ def _load_rows(
     skip_missing: bool,
     data_dir: str | None = None,
 ) -> datasets.Dataset:
+    if flag == JSONL_FLAG:
+        return _load_jsonl(source, columns, skip_missing)
     local = _local_path(source, flag)
     if local is not None:
         _refuse_file(local, source, flag)
@@ -175,6 +182,13 @@ def _load_rows(
     if local is None:
         return _train_split(_load_dataset(source, config_name, cache_dir, data_dir=data_dir), source)
     return _load_local_dataset(local, source, config_name, cache_dir, _inside(local, folder))
+
+
+def _load_jsonl(source: str, columns: data.Columns, skip_missing: bool) -> datasets.Dataset:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise data.DataError(f"`{JSONL_FLAG}` points to {source!r}, which is not a file. Check the path.")
+    return load_metadata_folder(path, columns, skip_missing=skip_missing, relative_to=Path.cwd())
 
 
 def _data_folder(source: str, local: Path | None, data_dir: str | None) -> Path | None:
@@ -371,8 +385,11 @@ def _find_metadata(path: Path) -> Path | None:
     return None
 
 
-def load_metadata_folder(metadata: Path, columns: data.Columns, *, skip_missing: bool = False) -> datasets.Dataset:
-    """Rows of a metadata file; image paths resolved against its folder, checked and read as images.
+def load_metadata_folder(
+    metadata: Path, columns: data.Columns, *, skip_missing: bool = False, relative_to: Path | None = None
+) -> datasets.Dataset:
+    """Rows of a metadata file; image paths resolved against its folder (or ``relative_to``),
+    checked and read as images.
 
     The Dataset is built here rather than by load_dataset("imagefolder"), so there is no cache
     that could serve rows of an earlier version of the folder, and its fingerprint covers each
@@ -385,7 +402,7 @@ def load_metadata_folder(metadata: Path, columns: data.Columns, *, skip_missing:
         raise data.DataError(f"{metadata} lists no rows; add one row per training example.")
     table = _columns_of(rows, columns)
     image_columns = [name for name in (columns.image, columns.conditioning_image) if name in table]
-    folder = metadata.parent.resolve()
+    folder = (relative_to or metadata.parent).resolve()
     written = {name: table[name] for name in image_columns}
     resolved = {name: [_resolve(folder, value) for value in values] for name, values in written.items()}
     signatures = {name: [_signature(path) for path in paths] for name, paths in resolved.items()}
@@ -394,7 +411,7 @@ def load_metadata_folder(metadata: Path, columns: data.Columns, *, skip_missing:
         (row, name) for name, column in signatures.items() for row, sig in enumerate(column) if sig is None
     )
     if missing:
-        message = _missing_files_message(metadata, lines, written, resolved, missing)
+        message = _missing_files_message(metadata, folder, lines, written, resolved, missing)
         keep = _keep_rows(message, missing, len(lines), skip_missing)
         lines = [lines[row] for row in keep]
         table = {name: [values[row] for row in keep] for name, values in table.items()}
@@ -405,6 +422,7 @@ def load_metadata_folder(metadata: Path, columns: data.Columns, *, skip_missing:
 
 def _missing_files_message(
     metadata: Path,
+    folder: Path,
     lines: list[int],
     written: dict[str, list],
     resolved: dict[str, list],
@@ -420,7 +438,7 @@ def _missing_files_message(
     total = len(written) * len(lines)
     return (
         f"{metadata.name} row {row} (line {lines[row]}) {problem}; {len(missing)} of {total} image files "
-        f"listed in {metadata} are missing (relative paths are read from {metadata.parent.resolve()})."
+        f"listed in {metadata} are missing (relative paths are read from {folder})."
     )
 
 

@@ -45,6 +45,7 @@ from torchvision.transforms import v2
 
 from . import data, datasources, families, integrity, sharding
 from .arguments import add_dataset_flags, add_model_flags
+from .arguments import build_parser as training_parser
 from .errors import InputError
 from .families import ModelFamily, Models, TextConditioning, to_latents
 from .families.sdxl import INTERPOLATION_MODES
@@ -415,11 +416,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=str,
         default=None,
         choices=families.names(),
-        help="The base model's family: sd (default), sdxl or sd3, as the training script that made the ControlNet.",
+        help="The base model's family: sd (default), sdxl, sd3 or flux, as the training script that made the "
+        "ControlNet.",
     )
     models.add_argument("--sdxl", action="store_true", help="The base model is SDXL (--family=sdxl).")
     models.add_argument(
-        "--max_sequence_length", type=int, default=77, help="SD3: the T5 prompt length the ControlNet trained with."
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="SD3 and Flux: the T5 prompt length the ControlNet trained with (default: the training "
+        "script's, 77 for SD3 and 512 for Flux).",
+    )
+    models.add_argument(
+        "--guidance_scale", type=float, default=3.5, help="Flux: the guidance scale the ControlNet trained with."
     )
     models.add_argument("--drop_t5", action="store_true", help="SD3: the ControlNet trained without T5.")
     models.add_argument(
@@ -473,6 +482,12 @@ def resolve(args: argparse.Namespace) -> tuple[ModelFamily, Settings]:
         "resolution": args.resolution or defaults.resolution,
         "image_interpolation_mode": args.image_interpolation_mode or defaults.image_interpolation_mode,
     }
+    # The T5 families' training default for the prompt length (the UNet families have no T5).
+    length = args.max_sequence_length or training_parser(family).get_default("max_sequence_length")
+    if length is None:
+        del values["max_sequence_length"]
+    else:
+        values["max_sequence_length"] = length
     return family, Settings.from_namespace(argparse.Namespace(**values))
 
 

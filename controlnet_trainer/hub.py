@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
 from huggingface_hub import ModelCard, ModelCardData
 
 from .errors import InputError
@@ -20,16 +21,27 @@ CURVES_FILE = "training_curves.png"
 UPLOAD_IGNORE = ["checkpoint-*", ".checkpoint-*", "checkpoint-*/**", ".checkpoint-*/**"]
 
 
-def save_final_model(controlnet, output_dir: Path) -> None:
-    """``config.json`` + ``diffusion_pytorch_model.safetensors`` at the output root."""
-    controlnet.save_pretrained(output_dir, safe_serialization=True)
+# --save_weight_dtype (Flux's script): the final weights' dtype; other than fp32 it is also the
+# file's variant, as diffusers saves it.
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def save_final_model(controlnet, output_dir: Path, weight_dtype: str = "fp32") -> None:
+    """``config.json`` + ``diffusion_pytorch_model.safetensors`` (``.bf16.safetensors`` and so on
+    for --save_weight_dtype) at the output root; the run's last use of ``controlnet``."""
+    variant = None
+    if weight_dtype != "fp32":
+        controlnet, variant = controlnet.to(SAVE_DTYPES[weight_dtype]), weight_dtype
+    controlnet.save_pretrained(output_dir, safe_serialization=True, variant=variant)
 
 
 def model_description(
     settings: Settings, plan: TrainPlan, family: ModelFamily, images: list[str], *, curves: bool = True
 ) -> str:
-    dataset = settings.data.dataset_name or settings.data.train_data_dir
+    dataset = settings.data.dataset_name or settings.data.train_data_dir or settings.data.jsonl_for_train
     pipeline = family.pipeline_class
+    saved = settings.output.save_weight_dtype
+    variant = "" if saved == "fp32" else f', variant="{saved}"'
     base = settings.model.pretrained_model_name_or_path
     lines = [
         f"# ControlNet for {base}",
@@ -42,7 +54,7 @@ def model_description(
         "",
         "```python",
         f"from diffusers import {family.card.controlnet_class}, {pipeline}",
-        f'controlnet = {family.card.controlnet_class}.from_pretrained("<this repo or folder>")',
+        f'controlnet = {family.card.controlnet_class}.from_pretrained("<this repo or folder>"{variant})',
         f'pipe = {pipeline}.from_pretrained("{base}", controlnet=controlnet)',
         "```",
     ]

@@ -110,7 +110,10 @@ def _config_reader() -> type:
 
 
 def _article(title: str) -> str:
-    return "an" if title[:1] in "AEFHILMNORSX" else "a"
+    """"an SD3", "an SDXL" (letters read out), "a Flux" (a word)."""
+    if title[:2].isupper():
+        return "an" if title[:1] in "AEFHILMNORSX" else "a"
+    return "an" if title[:1].lower() in "aeiou" else "a"
 
 
 def check_local_path(path: str, flag: str) -> None:

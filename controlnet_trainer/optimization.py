@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from accelerate import Accelerator
@@ -14,13 +15,16 @@ from .models import ModelError
 from .plan import TrainPlan
 from .settings import OptimizerSettings
 
+logger = logging.getLogger(__name__)
+
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch has a fused AdamW kernel and we have run it
 
 
 def make_optimizer(
     settings: OptimizerSettings, params, learning_rate: float, device: torch.device
 ) -> torch.optim.Optimizer:
-    """AdamW (fused when training on CUDA or the CPU) or bitsandbytes' 8-bit AdamW.
+    """AdamW (fused when training on CUDA or the CPU), bitsandbytes' 8-bit AdamW, or (Flux's
+    --use_adafactor, which wins over --use_8bit_adam there as in diffusers) transformers' Adafactor.
 
     ``device`` is where training runs, not where the parameters are now: the optimizer is made
     before Accelerate moves the ControlNet there, and the choice must follow the destination.
@@ -31,6 +35,8 @@ def make_optimizer(
         "weight_decay": settings.adam_weight_decay,
         "eps": settings.adam_epsilon,
     }
+    if settings.use_adafactor:
+        return _adafactor(settings, params, learning_rate)
     if settings.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -42,6 +48,22 @@ def make_optimizer(
     # One kernel for the whole update: the foreach one (about ten passes over the weights) took
     # 12.3 ms of a 251 ms SD 1.5 step on an H100, and is 4x slower than the fused one on a CPU.
     return torch.optim.AdamW(params, fused=device.type in FUSED_ADAMW_DEVICES or None, **hyper)
+
+
+def _adafactor(settings: OptimizerSettings, params, learning_rate: float) -> torch.optim.Optimizer:
+    """Adafactor at a fixed learning rate (no relative step or parameter scaling, so the schedule
+    and --learning_rate mean what they mean for AdamW): factored second moments, no first moment."""
+    from transformers.optimization import Adafactor
+
+    if settings.use_8bit_adam:
+        logger.warning("--use_adafactor and --use_8bit_adam: training with Adafactor, as diffusers does.")
+    return Adafactor(
+        params,
+        lr=learning_rate,
+        scale_parameter=False,
+        relative_step=False,
+        weight_decay=settings.adam_weight_decay,
+    )
 
 
 def make_lr_scheduler(settings: OptimizerSettings, optimizer, plan: TrainPlan, num_processes: int):

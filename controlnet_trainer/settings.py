@@ -38,6 +38,8 @@ class ModelSettings:
     num_single_layers: int = 4
     guidance_scale: float = 3.5
     quantize_base: str | None = None
+    # Flux's script: the text encoders wait in CPU memory and visit the accelerator to encode.
+    enable_model_cpu_offload: bool = False
 
     def named_flags(self) -> list[str]:
         """The flags that chose the models, for messages about a failed load."""
@@ -63,6 +65,8 @@ class DataSettings:
     shuffle_buffer_size: int = 1000
     aspect_ratio_buckets: bool = False
     skip_bad_images: bool = False
+    # Flux's script: a JSON-lines file of rows, image paths relative to the working directory.
+    jsonl_for_train: str | None = None
     proportion_empty_prompts: float = 0.0
     resolution: int = 512
     image_interpolation_mode: str = "bilinear"
@@ -99,6 +103,7 @@ class OptimizerSettings:
     adam_epsilon: float = 1e-08
     max_grad_norm: float = 1.0
     use_8bit_adam: bool = False
+    use_adafactor: bool = False  # Flux's script: transformers' Adafactor instead of AdamW
     set_grads_to_none: bool = False
     use_ema: bool = False
     ema_decay: float = 0.9999
@@ -116,7 +121,7 @@ class ObjectiveSettings:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
-    # 0 for Flux's script, which has no such flag; SD3's flag defaults to 1.
+    # SD3's flag defaults to 1; Flux's script has no such flag and compares raw velocities.
     precondition_outputs: int = 0
 
 
@@ -174,6 +179,7 @@ class OutputSettings:
     report_to: str = "tensorboard"
     tracker_project_name: str = "train_controlnet"
     save_single_file: bool = False
+    save_weight_dtype: str = "fp32"  # Flux's script: the final weights' dtype (and file variant)
     dry_run: bool = False
     push_to_hub: bool = False
     hub_token: str | None = None

@@ -111,7 +111,7 @@ def train(settings: Settings, family: ModelFamily) -> RunResult:
     optimizer = make_optimizer(settings.optimizer, models.controlnet.parameters(), plan.learning_rate, accelerator.device)
     lr_scheduler = make_lr_scheduler(settings.optimizer, optimizer, plan, accelerator.num_processes)
     ema = make_ema(settings.optimizer, models.controlnet, accelerator.device)
-    checkpointing.register_model_hooks(accelerator, ema)
+    checkpointing.register_model_hooks(accelerator, ema, folder=family.checkpoint_folder)
     # The ranks' per-step agreements; it waits as long as the main group (--ddp_timeout).
     host_group = ranks.host_group(accelerator.num_processes, datetime.timedelta(seconds=settings.loop.ddp_timeout))
     if settings.data.streaming:
@@ -373,7 +373,7 @@ def finish(parts: LoopParts, repo_id: str | None) -> None:
     if not accelerator.is_main_process:
         return
     output_dir = output.output_dir
-    hub.save_final_model(controlnet, output_dir)
+    hub.save_final_model(controlnet, output_dir, output.save_weight_dtype)
     if output.save_single_file:
         parts.family.save_single_file(controlnet, output_dir / hub.SINGLE_FILE)
     records = tracking.read_metrics(output_dir)

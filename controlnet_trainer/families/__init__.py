@@ -66,6 +66,7 @@ class Defaults:
     resolution: int
     image_interpolation_mode: str
     tracker_project_name: str
+    num_validation_images: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,8 @@ class ModelFamily:
     save_single_file: Callable[..., None] | None
     # Checks of the family's own flags, before any model loads (None: nothing to check).
     check_flags: Callable[[argparse.Namespace], None] | None = None
+    # The checkpoint's folder for the ControlNet, as the family's diffusers script names it.
+    checkpoint_folder: str = "controlnet"
     # Whether some ControlNet parameters get no gradient in a step (the prompt branch of SD3's last
     # ControlNet block feeds nothing), so DDP must look for them.
     unused_parameters: bool = False

@@ -91,6 +91,23 @@ def place_models(
         encoder.to(device, dtype=weight_dtype)
 
 
+def offload_between_calls(module: torch.nn.Module, device: torch.device) -> None:
+    """``module`` waits in CPU memory and moves to ``device`` (its inputs with it) for each forward
+    call, leaving its outputs there: a text encoder that runs once per step, or once for the cache."""
+    from accelerate.utils import send_to_device
+
+    def arrive(mod, args, kwargs):
+        mod.to(device)
+        return send_to_device(args, device), send_to_device(kwargs, device)
+
+    def leave(mod, args, output):
+        mod.to("cpu")
+
+    module.to("cpu")
+    module.register_forward_pre_hook(arrive, with_kwargs=True)
+    module.register_forward_hook(leave)
+
+
 def enable_memory_options(models: Models, memory, device: torch.device) -> None:
     """Gradient checkpointing, the optional attention back-ends and compilation, with clear errors."""
     trained_path = (models.denoiser, models.controlnet)

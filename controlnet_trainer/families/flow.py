@@ -2,7 +2,7 @@
 
 A sample at noise level sigma is ``(1 - sigma) * x0 + sigma * noise``; the denoiser predicts
 the velocity ``noise - x0``. Timesteps are drawn by a density over the schedule (the
-``--weighting_scheme``), and the loss is weighted per scheme; both come from
+``--weighting_scheme``), and SD3's loss is weighted per scheme (Flux's is not); both come from
 ``diffusers.training_utils``, as in diffusers' own SD3 and Flux scripts.
 """
 
@@ -18,18 +18,25 @@ from ..errors import ArgumentError
 WEIGHTING_SCHEMES = ("sigma_sqrt", "logit_normal", "mode", "cosmap", "none")
 
 
-def add_flags(parser: argparse.ArgumentParser, *, precondition: bool = True) -> None:
-    """The objective's flags, as diffusers' SD3 and Flux scripts name them; ``precondition``: the
-    script has --precondition_outputs (SD3's does, Flux's does not)."""
+def add_flags(parser: argparse.ArgumentParser, *, weighted: bool = True) -> None:
+    """The objective's flags, as diffusers' SD3 and Flux scripts name them. ``weighted``: the
+    scheme weights the loss too and outputs may be preconditioned (SD3's script); Flux's script
+    uses the scheme for the timestep density alone and has no --precondition_outputs."""
     group = parser.add_argument_group("flow-matching objective")
+    if weighted:
+        scheme_help = (
+            "How timesteps are drawn and the loss weighted (SD3 paper): logit_normal and mode draw "
+            "mid-schedule noise levels more often; sigma_sqrt and cosmap weight the loss; none draws "
+            "uniformly, unweighted."
+        )
+    else:
+        scheme_help = (
+            "How timesteps are drawn (SD3 paper): logit_normal and mode draw mid-schedule noise levels "
+            "more often; none, sigma_sqrt and cosmap draw uniformly. The loss is not weighted, as in "
+            "diffusers' Flux script."
+        )
     group.add_argument(
-        "--weighting_scheme",
-        type=str,
-        default="logit_normal",
-        choices=WEIGHTING_SCHEMES,
-        help="How timesteps are drawn and the loss weighted (SD3 paper): logit_normal and mode "
-        "draw mid-schedule noise levels more often; sigma_sqrt and cosmap weight the loss; none "
-        "draws uniformly, unweighted.",
+        "--weighting_scheme", type=str, default="logit_normal", choices=WEIGHTING_SCHEMES, help=scheme_help
     )
     group.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit_normal timestep density.")
     group.add_argument(
@@ -41,7 +48,7 @@ def add_flags(parser: argparse.ArgumentParser, *, precondition: bool = True) -> 
         default=1.29,
         help="Scale of the mode timestep density (with --weighting_scheme=mode).",
     )
-    if not precondition:
+    if not weighted:
         return
     group.add_argument(
         "--precondition_outputs",
@@ -110,11 +117,13 @@ def flow_loss(
     weight_dtype: torch.dtype = torch.float32,
     objective=None,
     reduce: bool = True,
+    weighted: bool = True,
 ) -> torch.Tensor:
     """Mean flow-matching loss of the denoiser + ControlNet; per-sample losses with ``reduce=False``.
 
-    ``objective`` (ObjectiveSettings) gives the preconditioning and the loss weighting; None gives
-    the plain velocity loss, unweighted, which the fidelity measure compares.
+    ``objective`` (ObjectiveSettings) gives the preconditioning and, if ``weighted`` (SD3; Flux's
+    loss is plain), the loss weighting; None gives the plain velocity loss, unweighted, which the
+    fidelity measure compares.
     """
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
@@ -136,7 +145,7 @@ def flow_loss(
         target = latents
     else:
         target = noise - latents
-    scheme = objective.weighting_scheme if objective is not None else "none"
+    scheme = objective.weighting_scheme if objective is not None and weighted else "none"
     weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas).float()
     squared = weighting * (prediction.float() - target.float()) ** 2
     per_sample = squared.reshape(squared.shape[0], -1).mean(dim=1)

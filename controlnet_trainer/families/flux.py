@@ -28,22 +28,23 @@ _ENCODER_CLASSES = {"text_encoder": ("CLIPTextModel",), "text_encoder_2": ("T5En
 MAX_SEQUENCE_LENGTH = 512  # the Flux pipelines refuse longer T5 prompts
 RESOLUTION_MULTIPLE = 16  # 8x VAE downsampling times 2x2 packing
 QUANTIZATIONS = ("nf4", "int8")
+SAVE_DTYPES = ("fp16", "bf16", "fp32")  # --save_weight_dtype, as diffusers' script offers them
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
-    flow.add_flags(parser, precondition=False)
+    flow.add_flags(parser, weighted=False)
     group = parser.add_argument_group("Flux")
     group.add_argument(
         "--num_double_layers",
         type=int,
         default=4,
-        help="Double-stream blocks of a ControlNet built from the transformer.",
+        help="Double-stream blocks of a ControlNet built from the transformer (copied from its first ones).",
     )
     group.add_argument(
         "--num_single_layers",
         type=int,
         default=4,
-        help="Single-stream blocks of a ControlNet built from the transformer.",
+        help="Single-stream blocks of a ControlNet built from the transformer (0 is common and smaller).",
     )
     group.add_argument(
         "--guidance_scale",
@@ -54,17 +55,60 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max_sequence_length",
         type=int,
-        default=77,
-        help="T5 prompt length in tokens, for training and the validation images (at most 512).",
+        default=MAX_SEQUENCE_LENGTH,
+        help="T5 prompt length in tokens, for training and the validation images (the Flux pipelines' "
+        "512 by default and at most; shorter is faster when captions are short).",
     )
     group.add_argument(
         "--quantize_base",
         type=str,
         default=None,
         choices=QUANTIZATIONS,
-        help="Load the frozen transformer quantized by bitsandbytes (nf4: 4-bit, int8: 8-bit) to fit "
-        "small cards; gradients still reach the ControlNet through it. Needs a CUDA GPU.",
+        help="Load the frozen transformer quantized by bitsandbytes (nf4: 4-bit, int8: 8-bit) so it "
+        "fits small cards; gradients still reach the ControlNet through it. Needs a CUDA GPU.",
     )
+    group.add_argument(
+        "--jsonl_for_train",
+        type=str,
+        default=None,
+        help="A JSON-lines file of training rows instead of --dataset_name: one object per line with "
+        "the image path, conditioning image path and caption; relative paths are read from the "
+        "working directory, as in diffusers.",
+    )
+    group.add_argument(
+        "--use_adafactor",
+        action="store_true",
+        help="transformers' Adafactor instead of AdamW (no relative step, no parameter scaling; "
+        "--adam_weight_decay applies): far less optimizer memory than AdamW.",
+    )
+    group.add_argument(
+        "--save_weight_dtype",
+        type=str,
+        default="fp32",
+        choices=SAVE_DTYPES,
+        help="dtype of the final ControlNet; fp16 and bf16 are saved as that variant "
+        '(diffusion_pytorch_model.bf16.safetensors: load with variant="bf16").',
+    )
+    group.add_argument(
+        "--enable_model_cpu_offload",
+        action="store_true",
+        help="Keep CLIP and T5 in CPU memory and move each to the accelerator only while it encodes "
+        "(with --cache_text_embeddings they leave it after the cache is built anyway).",
+    )
+    group.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE to use instead of the base model's.",
+    )
+    for side in ("h", "w"):
+        group.add_argument(
+            f"--crops_coords_top_left_{side}",
+            type=int,
+            default=0,
+            help="Accepted for diffusers' command lines and not used: Flux takes no crop conditioning.",
+        )
+    group.add_argument("--enable_npu_flash_attention", action="store_true", help="Use NPU flash attention.")
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -124,9 +168,7 @@ def _load_transformer(settings):
             settings.pretrained_model_name_or_path, subfolder="transformer", **common
         )
     if settings.quantize_base == "nf4":
-        config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-        )
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
     return FluxTransformer2DModel.from_pretrained(
@@ -172,7 +214,31 @@ def load_controlnet(settings, transformer):
             f"`--controlnet_model_name_or_path` {source!r} is a {config.get('_class_name')}, not a "
             "FluxControlNetModel: use a ControlNet made for Flux, or omit the flag to build one from the transformer."
         )
-    return FluxControlNetModel.from_pretrained(source, cache_dir=settings.cache_dir)
+    if config.get("num_mode") is not None:
+        raise ModelError(
+            f"`--controlnet_model_name_or_path` {source!r} is a Union ControlNet ({config['num_mode']} control "
+            "modes), which needs a mode per training row; this trainer (like diffusers') trains single-mode "
+            "ControlNets. Start from a single-mode ControlNet, or omit the flag to build one from the transformer."
+        )
+    controlnet = FluxControlNetModel.from_pretrained(source, cache_dir=settings.cache_dir)
+    check_controlnet_matches(controlnet, transformer)
+    return controlnet
+
+
+def check_controlnet_matches(controlnet, transformer) -> None:
+    """A ControlNet made for another base model fails here instead of mid-step."""
+    keys = ("num_attention_heads", "attention_head_dim", "in_channels", "joint_attention_dim", "pooled_projection_dim")
+    mismatched = [
+        f"{key}: ControlNet {controlnet.config.get(key)} vs transformer {transformer.config.get(key)}"
+        for key in keys
+        if controlnet.config.get(key) != transformer.config.get(key)
+    ]
+    if mismatched:
+        raise ModelError(
+            "The ControlNet does not match the transformer of the base model (" + "; ".join(mismatched) + "). Use a "
+            "Flux ControlNet trained for this base model, or omit --controlnet_model_name_or_path to build one "
+            "from the transformer."
+        )
 
 
 def _controlnet_from_files(settings, transformer):
@@ -209,7 +275,7 @@ def _transformer_files(settings, get_model_file) -> list[str]:
     base = settings.pretrained_model_name_or_path
     try:
         index = get_model_file(base, weights_name="diffusion_pytorch_model.safetensors.index.json", **common)
-    except (OSError, EnvironmentError):
+    except OSError:
         return [get_model_file(base, weights_name="diffusion_pytorch_model.safetensors", **common)]
     with open(index) as handle:
         shards = sorted(set(json.load(handle)["weight_map"].values()))
@@ -248,9 +314,13 @@ def _bare(controlnet):
 
 def place_models(models: Models, *, device, weight_dtype, settings) -> None:
     """As every family places them, except that a quantized transformer stays where bitsandbytes
-    put it (on the GPU, in its own dtypes)."""
+    put it (on the GPU, in its own dtypes), and with --enable_model_cpu_offload the text encoders
+    wait in CPU memory between calls."""
     quantized = settings.quantize_base is not None
     components.place_models(models, device=device, weight_dtype=weight_dtype, move_denoiser=not quantized)
+    if settings.enable_model_cpu_offload:
+        for encoder in models.text_encoders:
+            components.offload_between_calls(encoder, device)
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -365,10 +435,13 @@ FAMILY = ModelFamily(
     title="Flux",
     script="train_controlnet_flux.py",
     description="Train a ControlNet for FLUX.1.",
-    defaults=Defaults(resolution=512, image_interpolation_mode="bilinear", tracker_project_name="flux_train_controlnet"),
-    card=ModelCard(
-        tags=("flux", "flux-diffusers"), license="other", controlnet_class="FluxControlNetModel"
+    defaults=Defaults(
+        resolution=512,
+        image_interpolation_mode="bilinear",
+        tracker_project_name="flux_train_controlnet",
+        num_validation_images=2,
     ),
+    card=ModelCard(tags=("flux", "flux-diffusers"), license="other", controlnet_class="FluxControlNetModel"),
     add_flags=add_flags,
     check_flags=check_flags,
     denoiser_subfolder="transformer",
@@ -382,11 +455,12 @@ FAMILY = ModelFamily(
     encode_control=encode_control,
     control_uses_vae=True,
     sample_noise=flow.sample_noise,
-    loss=functools.partial(flow.flow_loss, predict=predict),
+    loss=functools.partial(flow.flow_loss, predict=predict, weighted=False),
     schedule_timesteps=flow.schedule_timesteps,
     pipeline_class="FluxControlNetPipeline",
     pipeline_components=pipeline_components,
     pipeline_inputs=pipeline_inputs,
     save_single_file=None,
+    checkpoint_folder="flux_controlnet",
     unused_parameters=True,
 )
