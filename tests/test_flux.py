@@ -17,6 +17,7 @@ from diffusers import FluxControlNetModel, FluxControlNetPipeline
 from PIL import Image
 from safetensors.torch import load_file
 from test_arguments import DIFFUSERS_SD_DEFAULTS
+from test_fidelity_training import fill_data, gaps, train_side_by_side  # noqa: F401 (fill_data: a fixture)
 
 from controlnet_trainer import families, fixtures
 from controlnet_trainer.arguments import ArgumentError, build_parser, parse_args
@@ -357,3 +358,29 @@ def test_dry_run_prints_the_flux_plan_and_leaves_nothing(flux_assets, tmp_path):
     result = run(flux_argv(flux_assets, tmp_path / "out", dry_run=True, max_train_steps=None), family="flux")
     assert result.plan["family"] == "flux" and result.plan["plan"]["num_samples"] == 24
     assert not (tmp_path / "out").exists()
+
+
+# The control gap
+
+GAP_STEPS = 80
+
+
+@pytest.fixture(scope="module")
+def trained_flux(assets, tiny_flux, fill_data, tmp_path_factory) -> dict[str, Path]:
+    """The honest and the shuffled run of test_fidelity_training on the tiny Flux."""
+    flags = {"max_train_steps": GAP_STEPS, "validation_steps": GAP_STEPS // 2, "fidelity_samples": 32}
+    return train_side_by_side(
+        tmp_path_factory.mktemp("fidelity-runs-flux"),
+        fill_data,
+        "train_controlnet_flux.py",
+        lambda output_dir, dataset: flux_argv(assets | tiny_flux, output_dir, dataset_name=dataset, **flags),
+    )
+
+
+def test_flux_control_gap_rises_with_training_and_stays_flat_when_shuffled(trained_flux):
+    honest, shuffled = gaps(trained_flux["honest"]), gaps(trained_flux["shuffled"])
+    assert sorted(honest) == [0, GAP_STEPS // 2, GAP_STEPS]
+    assert honest[0] == 0.0 and shuffled[0] == 0.0  # a fresh ControlNet's zero layers add nothing
+    assert 0 < honest[GAP_STEPS // 2] < honest[GAP_STEPS], honest
+    assert honest[GAP_STEPS] > 0.01, honest
+    assert abs(shuffled[GAP_STEPS]) < 0.004 and honest[GAP_STEPS] > 4 * abs(shuffled[GAP_STEPS]), (honest, shuffled)
