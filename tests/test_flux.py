@@ -334,6 +334,32 @@ def test_jsonl_rows_adafactor_bf16_weights_and_offloaded_encoders(flux_assets, t
     assert not any("exp_avg" in entry for entry in state.values())
 
 
+def test_wide_and_tall_buckets_ema_and_the_cache_which_changes_nothing_but_speed(flux_assets, tmp_path):
+    """Latents of 8 x 16 and 16 x 8 pack into tokens with their own position ids; cached latents and
+    both encoders' embeddings give the uncached run's losses exactly (prompt dropout still drawn
+    per sample per step); the EMA copy is what gets saved."""
+    mixed = fixtures.build_fill_dataset(tmp_path / "mixed", num_rows=16, size=128, aspect_ratios=(2.0, 0.5))
+    flags = {
+        "dataset_name": mixed,
+        "resolution": 128,
+        "aspect_ratio_buckets": True,
+        "max_train_steps": 3,
+        "proportion_empty_prompts": 0.5,
+        "use_ema": True,
+        "checkpointing_steps": 3,
+    }
+    run(flux_argv(flux_assets, tmp_path / "plain", **flags), family="flux")
+    cached = {"cache_latents": True, "cache_text_embeddings": True, "embeddings_cache_dir": tmp_path / "cache"}
+    run(flux_argv(flux_assets, tmp_path / "cached", **flags, **cached), family="flux")
+    plain, with_cache = ([r["loss"] for r in step_records(tmp_path / name)] for name in ("plain", "cached"))
+    assert plain == with_cache and len(plain) == 3
+    assert any((tmp_path / "cache").rglob("*.npy"))
+    final, checkpoint = saved_weights(tmp_path / "plain"), tmp_path / "plain" / "checkpoint-3"
+    assert json.loads((checkpoint / "controlnet_ema" / "config.json").read_text())["_class_name"] == "FluxControlNetModel"
+    raw = saved_weights(checkpoint / "flux_controlnet")
+    assert any(not torch.equal(final[name], raw[name]) for name in final)  # the average, not the last weights
+
+
 def test_two_processes_match_one_process_without_single_blocks(flux_assets, tmp_path):
     """DDP over 2 x 2 samples equals one process over the same 4, with the README's
     --num_single_layers=0: the last double block's prompt branch then gets no gradient, which
