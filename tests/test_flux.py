@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import step_records, train_argv
-from diffusers import FluxControlNetModel, FluxControlNetPipeline
+from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxTransformer2DModel
 from PIL import Image
 from safetensors.torch import load_file
 from test_arguments import DIFFUSERS_SD_DEFAULTS
@@ -150,6 +150,29 @@ def test_controlnets_flux_cannot_train_are_refused(flux_assets, tmp_path):
     (union / "config.json").write_text(json.dumps(config | {"num_mode": 10}))
     with pytest.raises(ModelError, match="is a Union ControlNet \\(10 control modes\\)"):
         FLUX.load_models(ModelSettings(str(flux_assets["flux"]), controlnet_model_name_or_path=str(union)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_a_quantized_base_without_cuda_is_refused_before_loading():
+    argv = ["--pretrained_model_name_or_path=m", "--dataset_name=d", "--report_to=none", "--quantize_base=nf4"]
+    with pytest.raises(ArgumentError, match="needs a CUDA GPU"):
+        parse_args(argv, FLUX)
+
+
+def test_the_controlnet_of_a_quantized_base_is_read_from_the_transformers_files(flux_assets):
+    """With --quantize_base the transformer in memory holds 4- or 8-bit weights, so the new
+    ControlNet's blocks are read from its files: the same ControlNet from_transformer makes."""
+    from controlnet_trainer.families import flux
+
+    settings = ModelSettings(str(flux_assets["flux"]), num_double_layers=2, num_single_layers=3)
+    transformer = FluxTransformer2DModel.from_pretrained(flux_assets["flux"], subfolder="transformer")
+    expected = FluxControlNetModel.from_transformer(
+        transformer, num_layers=2, num_single_layers=3, attention_head_dim=16, num_attention_heads=4
+    ).state_dict()
+    read = flux._controlnet_from_files(settings, transformer).state_dict()
+    assert read.keys() == expected.keys()
+    assert all(torch.equal(read[name], expected[name]) for name in expected)
+    assert read["transformer_blocks.1.attn.to_q.weight"].abs().sum() > 0  # copied, not initialised
 
 
 # The step, as the pipeline and diffusers' script compute it

@@ -127,8 +127,30 @@ def check_flags(args: argparse.Namespace) -> None:
     for name in ("num_double_layers", "num_single_layers"):
         if getattr(args, name) < 0:
             raise ArgumentError(f"`--{name}` must be 0 or more, got {getattr(args, name)}.")
+    if args.quantize_base is not None:
+        _check_quantization(args.quantize_base, args.mixed_precision)
     if args.num_double_layers + args.num_single_layers == 0:
         raise ArgumentError("A ControlNet needs at least one block: raise --num_double_layers or --num_single_layers.")
+
+
+def _check_quantization(quantization: str, mixed_precision: str | None) -> None:
+    """bitsandbytes' 4- and 8-bit layers need its package and a CUDA GPU (diffusers refuses to
+    quantize without one), and compute in bf16."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ArgumentError(f"`--quantize_base={quantization}` needs bitsandbytes: `pip install bitsandbytes`.")
+    if not torch.cuda.is_available():
+        raise ArgumentError(
+            f"`--quantize_base={quantization}` needs a CUDA GPU: diffusers quantizes with bitsandbytes on "
+            "CUDA only, and none is visible here. Drop the flag to train with the transformer in "
+            "--mixed_precision, or run on a GPU."
+        )
+    if mixed_precision not in (None, "bf16"):
+        raise ArgumentError(
+            f"`--quantize_base={quantization}` computes the transformer in bf16; pass --mixed_precision=bf16 "
+            f"(got {mixed_precision})."
+        )
 
 
 def load_models(settings) -> Models:
@@ -262,24 +284,22 @@ def _controlnet_from_files(settings, transformer):
 
 
 def _transformer_files(settings, get_model_file) -> list[str]:
-    """The transformer's weight files (one, or the shards its index lists)."""
+    """The transformer's weight files (one, or the shards its index lists), of --variant if given."""
     import json
-    import os
 
-    common = {
-        "subfolder": "transformer",
-        "revision": settings.revision,
-        "cache_dir": settings.cache_dir,
-        "local_files_only": False,
-    }
+    from diffusers.utils import _add_variant
+
+    common = {"subfolder": "transformer", "revision": settings.revision, "cache_dir": settings.cache_dir}
     base = settings.pretrained_model_name_or_path
+    single = _add_variant("diffusion_pytorch_model.safetensors", settings.variant)
     try:
-        index = get_model_file(base, weights_name="diffusion_pytorch_model.safetensors.index.json", **common)
+        index_name = _add_variant("diffusion_pytorch_model.safetensors.index.json", settings.variant)
+        index = get_model_file(base, weights_name=index_name, **common)
     except OSError:
-        return [get_model_file(base, weights_name="diffusion_pytorch_model.safetensors", **common)]
+        return [get_model_file(base, weights_name=single, **common)]
     with open(index) as handle:
         shards = sorted(set(json.load(handle)["weight_map"].values()))
-    return [os.path.join(os.path.dirname(index), shard) for shard in shards]
+    return [get_model_file(base, weights_name=shard, **common) for shard in shards]
 
 
 def encode_prompts(models: Models, prompts: list[str]) -> TextConditioning:
@@ -317,6 +337,11 @@ def place_models(models: Models, *, device, weight_dtype, settings) -> None:
     put it (on the GPU, in its own dtypes), and with --enable_model_cpu_offload the text encoders
     wait in CPU memory between calls."""
     quantized = settings.quantize_base is not None
+    if quantized and weight_dtype != torch.bfloat16:  # mixed precision from the accelerate config
+        raise ModelError(
+            f"`--quantize_base={settings.quantize_base}` computes the transformer in bf16, but this run's mixed "
+            f"precision gives {weight_dtype}; pass --mixed_precision=bf16."
+        )
     components.place_models(models, device=device, weight_dtype=weight_dtype, move_denoiser=not quantized)
     if settings.enable_model_cpu_offload:
         for encoder in models.text_encoders:
