@@ -415,7 +415,7 @@ GAP_STEPS = 80
 
 
 @pytest.fixture(scope="module")
-def trained_flux(assets, tiny_flux, fill_data, tmp_path_factory) -> dict[str, Path]:
+def trained_flux(assets, tiny_flux, fill_data, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
     """The honest and the shuffled run of test_fidelity_training on the tiny Flux."""
     flags = {"max_train_steps": GAP_STEPS, "validation_steps": GAP_STEPS // 2, "fidelity_samples": 32}
     return train_side_by_side(
