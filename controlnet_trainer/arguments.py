@@ -193,6 +193,14 @@ def _speed_group(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("memory and speed")
     group.add_argument("--gradient_checkpointing", action="store_true")
     group.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW.")
+    group.add_argument(
+        "--fused_backward_pass",
+        action="store_true",
+        help="Step the optimizer for each parameter as soon as the backward pass has its gradient, "
+        "then free that gradient: the ControlNet's gradients never all exist at once (they are as "
+        "large as its fp32 weights). One process, no gradient accumulation, no fp16; --max_grad_norm "
+        "then clips each parameter's gradient on its own.",
+    )
     group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     group.add_argument(
         "--mixed_precision",
@@ -434,6 +442,7 @@ def check_args(args: argparse.Namespace) -> None:
         )
     _check_streaming(args)
     _check_buckets(args)
+    _check_fused_backward_pass(args)
     _check_folders(args)
     # Last: it imports accelerate (and torch), which the checks above answer without.
     _check_tracker(args.report_to)
@@ -469,6 +478,22 @@ def _check_streaming(args: argparse.Namespace) -> None:
             "`--streaming` cannot count the rows before training, so --num_train_epochs has nothing to "
             "multiply; pass `--max_train_steps` (or `--max_train_samples`, the number of rows to stream "
             "per epoch)."
+        )
+
+
+def _check_fused_backward_pass(args: argparse.Namespace) -> None:
+    if not args.fused_backward_pass:
+        return
+    if args.gradient_accumulation_steps > 1:
+        raise ArgumentError(
+            "`--fused_backward_pass` steps the optimizer during every backward pass, so gradients cannot "
+            f"accumulate over {args.gradient_accumulation_steps} micro-batches. Drop one of the two flags "
+            "(raise --train_batch_size instead of accumulating, if memory allows)."
+        )
+    if args.mixed_precision == "fp16":
+        raise ArgumentError(
+            "`--fused_backward_pass` cannot unscale fp16 gradients before the step (the loss scaler sees "
+            "them only after backward); use --mixed_precision=bf16."
         )
 
 

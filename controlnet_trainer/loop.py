@@ -85,7 +85,8 @@ def train_loop(parts: LoopParts, batches, progress: TrainingProgress, stop) -> t
                     embeddings=parts.embeddings,
                 )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
+                # With --fused_backward_pass, backward has already stepped and clipped each parameter.
+                if accelerator.sync_gradients and not optimizer.fused_backward_pass:
                     accelerator.clip_grad_norm_(models.controlnet.parameters(), optimizer.max_grad_norm)
                 parts.optimizer.step()
                 parts.lr_scheduler.step()

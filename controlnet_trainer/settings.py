@@ -104,6 +104,7 @@ class OptimizerSettings:
     max_grad_norm: float = 1.0
     use_8bit_adam: bool = False
     use_adafactor: bool = False  # Flux's script: transformers' Adafactor instead of AdamW
+    fused_backward_pass: bool = False  # each parameter's optimizer step as its gradient is ready
     set_grads_to_none: bool = False
     use_ema: bool = False
     ema_decay: float = 0.9999

@@ -176,6 +176,8 @@ def start_run(settings: Settings, family: ModelFamily) -> Start:
     deepspeed = accelerator.state.deepspeed_plugin
     check_engine(accelerator.distributed_type, deepspeed.zero_stage if deepspeed else None, settings.optimizer.use_ema)
     check_precision(accelerator.mixed_precision, accelerator.device)
+    if settings.optimizer.fused_backward_pass:
+        check_fused_backward_pass(accelerator.num_processes, accelerator.mixed_precision)
     check_base_model(settings.model, family)
     # Not on a dry run, which must leave nothing behind, on the Hub either.
     output = settings.output
@@ -260,6 +262,22 @@ def check_engine(engine: DistributedType, zero_stage: int | None, use_ema: bool)
             "inside DeepSpeed, where this trainer cannot gather them to save or evaluate. Use "
             "DeepSpeed ZeRO-2 (optimizer state and gradients sharded, the usual saving for a "
             "ControlNet, whose frozen UNet is replicated either way), FSDP, or plain multi-GPU DDP."
+        )
+
+
+def check_fused_backward_pass(num_processes: int, mixed_precision: str) -> None:
+    """The fused step runs on a rank's own gradient before any process could average it, and
+    before a loss scaler could unscale it."""
+    if num_processes > 1:
+        raise TrainingError(
+            f"--fused_backward_pass steps each parameter on this process's own gradient, before the "
+            f"{num_processes} processes average them, so their weights would drift apart. Train on one "
+            "process, or drop the flag (DeepSpeed ZeRO-2 shards gradients across GPUs instead)."
+        )
+    if mixed_precision == "fp16":  # from the accelerate config; the flag itself is checked earlier
+        raise TrainingError(
+            "--fused_backward_pass cannot unscale fp16 gradients before the step; the accelerate config "
+            "asks for fp16. Pass --mixed_precision=bf16."
         )
 
 

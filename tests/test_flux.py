@@ -326,7 +326,8 @@ def test_flux_resume_is_exact_and_the_limit_spares_what_it_did_not_write(flux_as
 def test_jsonl_rows_adafactor_bf16_weights_and_offloaded_encoders(flux_assets, tmp_path, monkeypatch):
     """Flux's own flags in one run: --jsonl_for_train (paths relative to the working directory,
     as in diffusers), --use_adafactor, --save_weight_dtype=bf16 (the bf16 variant file),
-    --enable_model_cpu_offload, and the README's --num_single_layers=0."""
+    --enable_model_cpu_offload, and the README's --num_single_layers=0; with the 24 GB recipe's
+    --fused_backward_pass and --gradient_checkpointing."""
     rows = fixtures.write_fill_folder(tmp_path / "rows", num_rows=8, size=64)
     monkeypatch.chdir(rows)
     output = tmp_path / "out"
@@ -341,6 +342,8 @@ def test_jsonl_rows_adafactor_bf16_weights_and_offloaded_encoders(flux_assets, t
         save_weight_dtype="bf16",
         enable_model_cpu_offload=True,
         num_single_layers=0,
+        fused_backward_pass=True,
+        gradient_checkpointing=True,
     )
     run(argv, family="flux")
     saved = load_file(output / "diffusion_pytorch_model.bf16.safetensors")
@@ -351,10 +354,13 @@ def test_jsonl_rows_adafactor_bf16_weights_and_offloaded_encoders(flux_assets, t
     assert 'variant="bf16"' in (output / "README.md").read_text()
     options = json.loads((output / "training_options.json").read_text())
     assert options["plan"]["num_samples"] == 8
-    # Adafactor's factored second moments, where AdamW would keep exp_avg and exp_avg_sq.
-    state = torch.load(output / "checkpoint-2" / "optimizer.bin", weights_only=False)["state"]
-    assert any("exp_avg_sq_row" in entry for entry in state.values())
-    assert not any("exp_avg" in entry for entry in state.values())
+    # Adafactor's factored second moments (where AdamW would keep exp_avg and exp_avg_sq), one
+    # optimizer per parameter under --fused_backward_pass.
+    parts = torch.load(output / "checkpoint-2" / "optimizer.bin", weights_only=False)["parts"]
+    assert len(parts) == len(load_file(output / "checkpoint-2" / "flux_controlnet" / "diffusion_pytorch_model.safetensors"))
+    states = [entry for part in parts for entry in part["state"].values()]
+    assert any("exp_avg_sq_row" in entry for entry in states)
+    assert not any("exp_avg" in entry for entry in states)
 
 
 def test_wide_and_tall_buckets_ema_and_the_cache_which_changes_nothing_but_speed(flux_assets, tmp_path):
@@ -381,6 +387,44 @@ def test_wide_and_tall_buckets_ema_and_the_cache_which_changes_nothing_but_speed
     assert json.loads((checkpoint / "controlnet_ema" / "config.json").read_text())["_class_name"] == "FluxControlNetModel"
     raw = saved_weights(checkpoint / "flux_controlnet")
     assert any(not torch.equal(final[name], raw[name]) for name in final)  # the average, not the last weights
+
+
+def test_the_fused_backward_pass_trains_as_the_whole_step_does_and_resumes(flux_assets, tmp_path):
+    """--fused_backward_pass steps each parameter inside backward: with clipping out of play it
+    ends bit-equal to the ordinary step (AdamW, the learning-rate warm-up included), and a run
+    stopped and resumed from its per-parameter optimizer states ends where the straight one does."""
+    flags = {"max_train_steps": 4, "checkpointing_steps": 2, "max_grad_norm": 1e9, "lr_warmup_steps": 2}
+    run(flux_argv(flux_assets, tmp_path / "whole", **flags), family="flux")
+    run(flux_argv(flux_assets, tmp_path / "fused", fused_backward_pass=True, **flags), family="flux")
+    resumed = tmp_path / "resumed"
+    run(flux_argv(flux_assets, resumed, fused_backward_pass=True, stop_at_step=2, **flags), family="flux")
+    run(flux_argv(flux_assets, resumed, fused_backward_pass=True, resume_from_checkpoint="latest", **flags), family="flux")
+    whole, fused, again = (saved_weights(tmp_path / name) for name in ("whole", "fused", "resumed"))
+    assert all(torch.equal(whole[name], fused[name]) for name in whole)
+    assert all(torch.equal(fused[name], again[name]) for name in fused)
+    state = torch.load(resumed / "checkpoint-4" / "optimizer.bin", weights_only=False)
+    assert len(state["parts"]) == len(whole)  # one optimizer per trained tensor
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--gradient_accumulation_steps=2"], "cannot accumulate over 2 micro-batches"),
+        (["--mixed_precision=fp16"], "cannot unscale fp16 gradients"),
+    ],
+)
+def test_what_the_fused_backward_pass_cannot_do_is_refused(flags, message):
+    argv = ["--pretrained_model_name_or_path=m", "--dataset_name=d", "--report_to=none", "--fused_backward_pass"]
+    with pytest.raises(ArgumentError, match=message):
+        parse_args([*argv, *flags], FLUX)
+
+
+def test_the_fused_backward_pass_is_refused_on_several_processes():
+    from controlnet_trainer.training import TrainingError, check_fused_backward_pass
+
+    with pytest.raises(TrainingError, match="before the 2 processes average them"):
+        check_fused_backward_pass(2, "no")
+    check_fused_backward_pass(1, "bf16")
 
 
 def test_two_processes_match_one_process_without_single_blocks(flux_assets, tmp_path):
