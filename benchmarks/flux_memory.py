@@ -11,26 +11,8 @@ counted: they need a GPU to measure. A recipe fits when its total plus ``--activ
 assumed allowance for activations at 512 px, batch 1, with gradient checkpointing, and the CUDA
 context) is at most ``--budget_gib``.
 
-Bytes per frozen linear weight of ``n`` elements:
-- bf16: 2n.
-- NF4 (``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``): n/2 for the codes
-  plus one fp32 absmax per block of 64, 4 * ceil(n / 64), and a 16-entry fp32 code table per
-  layer: 0.5625 B/param. With ``bnb_4bit_use_double_quant`` the absmax are 8-bit, ceil(n / 64),
-  with one fp32 absmax per 256 of them and a 256-entry fp32 code table per layer: 0.516 B/param.
-- LLM.int8 (``load_in_8bit``): n int8 plus one fp32 scale per output row.
-diffusers' quantizer replaces every ``nn.Linear`` (FluxTransformer2DModel has no
-``_keep_in_fp32_modules`` and the config skips none by default); their biases and every other
-parameter (the RMSNorm weights) stay bf16.
-
-ControlNet bytes: weights 4 B/param in fp32 (2 in bf16, for stochastic rounding); gradients as
-much as the weights, or, with the optimizer step fused into the backward pass
-(``register_post_accumulate_grad_hook``, each parameter stepped and its gradient freed as soon as
-it is accumulated), about one gradient at a time: the largest parameter's. Optimizer state:
-AdamW two moments in the weights' dtype (8 B/param in fp32); bitsandbytes' 8-bit AdamW two uint8
-moments plus an fp32 absmax per block of 256 each, 32-bit moments for parameters under 4096
-elements; transformers' Adafactor (no first moment, as diffusers' ``--use_adafactor`` builds it)
-a row and a column vector for each matrix and a full second moment for each vector, in the
-weights' dtype.
+The byte accounting per format and optimizer is ``controlnet_trainer.memory``'s, which
+``--dry_run`` of train_controlnet_flux.py also uses for the run's own recipe.
 
 ``--quantization_error`` also loads a small random Flux transformer (2 + 4 blocks of width 256) in
 fp32, bf16, NF4 and LLM.int8 through diffusers' quantizer, on the CPU where there is no GPU, and
@@ -44,10 +26,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -57,26 +38,11 @@ from diffusers.quantizers.bitsandbytes import bnb_quantizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controlnet_trainer import reference_models
+from controlnet_trainer import memory, reference_models
 
-GIB = 2**30
-NF4_BLOCK = 64  # bitsandbytes' 4-bit blocksize
-NF4_NESTED_BLOCK = 256  # double quantization: absmax of absmax
-ADAM8BIT_BLOCK = 256  # bitsandbytes' blockwise 8-bit optimizer state
-ADAM8BIT_MIN_SIZE = 4096  # smaller tensors keep 32-bit state (min_8bit_size)
-FROZEN_FORMATS = ("bf16", "nf4", "nf4_double_quant", "int8")
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
-DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    name: str
-    frozen: str  # one of FROZEN_FORMATS
-    cached: bool  # the embeddings cache: text encoders never on the GPU
-    optimizer: str  # one of OPTIMIZERS
-    fused: bool  # optimizer step fused into the backward pass
-    controlnet_dtype: str = "fp32"  # "bf16": bf16 weights with stochastic rounding
+GIB = memory.GIB
+Recipe = memory.Recipe
+linear_weight_bytes = memory.linear_weight_bytes
 
 
 RECIPES = (
@@ -96,70 +62,10 @@ RECIPES = (
 )
 
 
-def linear_weight_bytes(out_features: int, in_features: int, frozen: str) -> int:
-    n = out_features * in_features
-    if frozen == "bf16":
-        return 2 * n
-    blocks = math.ceil(n / NF4_BLOCK)
-    if frozen == "nf4":  # codes, absmax, the 16-entry fp32 code table
-        return n // 2 + 4 * blocks + 4 * 16
-    if frozen == "nf4_double_quant":  # codes, 8-bit absmax, their absmax and 256-entry table, the 16-entry table
-        return n // 2 + blocks + 4 * math.ceil(blocks / NF4_NESTED_BLOCK) + 4 * 256 + 4 * 16
-    if frozen == "int8":
-        return n + 4 * out_features
-    raise ValueError(f"frozen must be one of {FROZEN_FORMATS}, not {frozen!r}")
-
-
-def frozen_bytes(module: torch.nn.Module, frozen: str) -> int:
-    """Bytes of a frozen module whose ``nn.Linear`` weights are stored as ``frozen``, the rest bf16."""
-    total, in_linears = 0, set()
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.Linear):
-            total += linear_weight_bytes(layer.out_features, layer.in_features, frozen)
-            in_linears.add(id(layer.weight))
-    return total + 2 * sum(p.numel() for p in module.parameters() if id(p) not in in_linears)
-
-
-def optimizer_state_bytes(shapes: Iterable[torch.Size], optimizer: str, dtype_bytes: int) -> int:
-    total = 0
-    for shape in shapes:
-        n = math.prod(shape)
-        if optimizer == "adamw":
-            total += 2 * dtype_bytes * n
-        elif optimizer == "adamw8bit":
-            total += 2 * (n + 4 * math.ceil(n / ADAM8BIT_BLOCK)) if n >= ADAM8BIT_MIN_SIZE else 8 * n
-        elif optimizer == "adafactor":
-            factored = len(shape) >= 2
-            total += dtype_bytes * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1] if factored else n)
-        else:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, not {optimizer!r}")
-    return total
-
-
-def controlnet_bytes(controlnet: torch.nn.Module, recipe: Recipe) -> dict[str, int]:
-    shapes = [p.shape for p in controlnet.parameters()]
-    size = DTYPE_BYTES[recipe.controlnet_dtype]
-    numels = [math.prod(shape) for shape in shapes]
-    return {
-        "controlnet_weights": size * sum(numels),
-        "controlnet_gradients": size * (max(numels) if recipe.fused else sum(numels)),
-        "optimizer_state": optimizer_state_bytes(shapes, recipe.optimizer, size),
-    }
-
-
 def recipe_bytes(parts: dict[str, torch.nn.Module], controlnet: torch.nn.Module, recipe: Recipe) -> dict[str, int]:
     """Bytes each piece of ``recipe`` keeps on the GPU; ``parts`` from ``flux_components``."""
-    text = (
-        0
-        if recipe.cached
-        else 2 * sum(reference_models.parameter_count(parts[n]) for n in ("text_encoder", "text_encoder_2"))
-    )
-    return {
-        "frozen_transformer": frozen_bytes(parts["transformer"], recipe.frozen),
-        "text_encoders": text,
-        "vae": 2 * reference_models.parameter_count(parts["vae"]),
-        **controlnet_bytes(controlnet, recipe),
-    }
+    encoders = (parts["text_encoder"], parts["text_encoder_2"])
+    return memory.recipe_bytes(parts["transformer"], encoders, parts["vae"], controlnet, recipe)
 
 
 def measure(

@@ -76,7 +76,10 @@ def train(settings: Settings, family: ModelFamily) -> RunResult:
         seed=seed,
     )
     if settings.output.dry_run:
-        return RunResult(output_dir, 0, plan={"family": family.name, "plan": plan.to_json()})
+        answer = {"family": family.name, "plan": plan.to_json()}
+        if family.memory_estimate is not None:
+            answer["gpu_memory_gib_before_activations"] = family.memory_estimate(settings, plan.weight_dtype)
+        return RunResult(output_dir, 0, plan=answer)
     clock.lap("data")
 
     models = load_models(settings.model, family)

@@ -450,6 +450,8 @@ def test_two_processes_match_one_process_without_single_blocks(flux_assets, tmp_
 def test_dry_run_prints_the_flux_plan_and_leaves_nothing(flux_assets, tmp_path):
     result = run(flux_argv(flux_assets, tmp_path / "out", dry_run=True, max_train_steps=None), family="flux")
     assert result.plan["family"] == "flux" and result.plan["plan"]["num_samples"] == 24
+    # The GPU memory of the run's recipe (tests/test_flux_memory.py checks it on FLUX.1-dev's configs).
+    assert result.plan["gpu_memory_gib_before_activations"]["total"] > 0
     assert not (tmp_path / "out").exists()
 
 

@@ -4,6 +4,7 @@ orderings, and gradients through a quantized frozen transformer to the ControlNe
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
@@ -15,6 +16,8 @@ from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuan
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import flux_memory
+
+from controlnet_trainer import reference_models
 
 # Published sizes: FLUX.1-dev's transformer ("12B", 11.9B), its T5-XXL encoder and CLIP-L text
 # model, its VAE; the ControlNets of diffusers' train_controlnet_flux.py as the issue quotes them.
@@ -156,3 +159,50 @@ def test_quantizing_anywhere_puts_diffusers_gpu_check_back():
     with flux_memory.quantizing_anywhere():
         pass
     assert BnB4BitDiffusersQuantizer.validate_environment is before
+
+
+def flux_dev_configs(path) -> Path:
+    """A FLUX.1-dev folder of config files only (no weights), as the hub repo's configs read."""
+    from transformers import CLIPTextConfig, T5Config
+
+    parts = reference_models.flux_components("meta")
+    parts["transformer"].save_config(path / "transformer")
+    parts["vae"].save_config(path / "vae")
+    CLIPTextConfig(**reference_models.FLUX_CLIP_L, architectures=["CLIPTextModel"]).save_pretrained(path / "text_encoder")
+    T5Config(**reference_models.T5_XXL, architectures=["T5EncoderModel"]).save_pretrained(path / "text_encoder_2")
+    return path
+
+
+@pytest.mark.parametrize(
+    "recipe, flags",
+    [
+        ("diffusers' script: bf16, text encoders on the GPU, AdamW", {}),
+        (
+            "NF4, cache, 8-bit AdamW, fused",
+            {"quantize_base": "nf4", "cache": True, "use_8bit_adam": True, "fused_backward_pass": True},
+        ),
+        ("NF4, cache, Adafactor, fused", {"quantize_base": "nf4", "cache": True, "use_adafactor": True, "fused_backward_pass": True}),
+    ],
+)
+def test_the_dry_runs_estimate_is_the_benchmarks_recipe(measured, tmp_path, recipe, flags):
+    """train_controlnet_flux.py --dry_run counts the run's own recipe from the model's config
+    files: on FLUX.1-dev's configs it gives the benchmark's figures for the same recipe."""
+    from controlnet_trainer import families
+    from controlnet_trainer.settings import MemorySettings, ModelSettings, OptimizerSettings, Settings
+
+    base = flux_dev_configs(tmp_path)
+    settings = Settings(
+        model=ModelSettings(str(base), quantize_base=flags.get("quantize_base")),
+        data=None, objective=None, loop=None, evaluation=None, output=None,
+        memory=MemorySettings(cache_text_embeddings=flags.get("cache", False)),
+        optimizer=OptimizerSettings(
+            use_8bit_adam=flags.get("use_8bit_adam", False),
+            use_adafactor=flags.get("use_adafactor", False),
+            fused_backward_pass=flags.get("fused_backward_pass", False),
+        ),
+    )  # fmt: skip
+    estimate = families.by_name("flux").memory_estimate(settings, torch.bfloat16)
+    expected = gib(measured, recipe)
+    for piece, value in expected.items():
+        assert estimate[piece] == pytest.approx(value, abs=0.006), piece
+    assert estimate["total"] == pytest.approx(flux_memory.total_gib(expected), abs=0.006)

@@ -125,6 +125,9 @@ class ModelFamily:
     check_flags: Callable[[argparse.Namespace], None] | None = None
     # The checkpoint's folder for the ControlNet, as the family's diffusers script names it.
     checkpoint_folder: str = "controlnet"
+    # GiB the run keeps on the GPU before activations, by piece and in total, for --dry_run to print
+    # (from the settings and the mixed-precision dtype); None where the family has no estimate.
+    memory_estimate: Callable[..., dict[str, float]] | None = None
     # Whether some ControlNet parameters get no gradient in a step (the prompt branch of SD3's last
     # ControlNet block feeds nothing), so DDP must look for them.
     unused_parameters: bool = False

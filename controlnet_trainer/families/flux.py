@@ -451,6 +451,59 @@ def pipeline_inputs(models: Models, conditioning) -> dict:
     }
 
 
+def memory_estimate(settings, weight_dtype: torch.dtype) -> dict[str, float]:
+    """GiB this run keeps on the GPU before activations (``controlnet_trainer.memory``), from the
+    models' configs alone: the models are built on the meta device, so nothing is downloaded but
+    config files and nothing is allocated."""
+    from .. import memory
+
+    model, optimizer = settings.model, settings.optimizer
+    frozen = model.quantize_base or ("fp32" if weight_dtype == torch.float32 else "bf16")
+    recipe = memory.Recipe(
+        name="this run",
+        frozen=frozen,
+        # Cached or offloaded text encoders are off the GPU while the ControlNet trains.
+        cached=settings.memory.cache_text_embeddings or model.enable_model_cpu_offload,
+        optimizer="adafactor" if optimizer.use_adafactor else "adamw8bit" if optimizer.use_8bit_adam else "adamw",
+        fused=optimizer.fused_backward_pass,
+    )
+    transformer, encoders, vae, controlnet = _meta_models(model)
+    return memory.in_gib(memory.recipe_bytes(transformer, encoders, vae, controlnet, recipe))
+
+
+def _meta_models(settings):
+    """The transformer, text encoders, VAE and ControlNet of ``settings`` on the meta device."""
+    import transformers
+    from diffusers import AutoencoderKL, FluxControlNetModel, FluxTransformer2DModel
+
+    base = settings.pretrained_model_name_or_path
+    common = {"revision": settings.revision, "cache_dir": settings.cache_dir}
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(
+            FluxTransformer2DModel.load_config(base, subfolder="transformer", **common)
+        )
+        vae_source = settings.pretrained_vae_model_name_or_path
+        vae_config = AutoencoderKL.load_config(vae_source or base, subfolder=None if vae_source else "vae", **common)
+        vae = AutoencoderKL.from_config(vae_config)
+        encoders = []
+        for _, subfolder in TEXT_COMPONENTS:
+            config = transformers.AutoConfig.from_pretrained(base, subfolder=subfolder, **common)
+            encoders.append(getattr(transformers, _ENCODER_CLASSES[subfolder][0])(config))
+        if settings.controlnet_model_name_or_path:
+            source = settings.controlnet_model_name_or_path
+            controlnet = FluxControlNetModel.from_config(FluxControlNetModel.load_config(source, cache_dir=settings.cache_dir))
+        else:
+            controlnet = FluxControlNetModel.from_transformer(
+                transformer,
+                num_layers=settings.num_double_layers,
+                num_single_layers=settings.num_single_layers,
+                attention_head_dim=transformer.config.attention_head_dim,
+                num_attention_heads=transformer.config.num_attention_heads,
+                load_weights_from_transformer=False,
+            )
+    return transformer, encoders, vae, controlnet
+
+
 def is_flux_transformer(config: dict) -> bool:
     return config.get("_class_name") == "FluxTransformer2DModel"
 
@@ -487,5 +540,6 @@ FAMILY = ModelFamily(
     pipeline_inputs=pipeline_inputs,
     save_single_file=None,
     checkpoint_folder="flux_controlnet",
+    memory_estimate=memory_estimate,
     unused_parameters=True,
 )
