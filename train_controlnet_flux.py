@@ -1,10 +1,11 @@
-"""Train a ControlNet for FLUX.1: a drop-in for diffusers' train_controlnet_flux.py.
+"""Train a ControlNet for FLUX.1: a drop-in for diffusers' train_controlnet_flux.py. On one 24 GB GPU:
 
     accelerate launch train_controlnet_flux.py \
       --pretrained_model_name_or_path=black-forest-labs/FLUX.1-dev \
       --dataset_name=fusing/fill50k --output_dir=out-flux --mixed_precision=bf16 \
-      --resolution=512 --learning_rate=1e-5 --train_batch_size=1 --gradient_accumulation_steps=4 \
-      --gradient_checkpointing --use_8bit_adam --cache_text_embeddings --quantize_base=nf4 \
+      --resolution=512 --learning_rate=1e-5 --train_batch_size=1 \
+      --quantize_base=nf4 --cache_text_embeddings --gradient_checkpointing \
+      --use_8bit_adam --fused_backward_pass \
       --validation_image c1.png --validation_prompt "red circle with blue background"
 
 `python train_controlnet_flux.py --help` lists every flag by group.

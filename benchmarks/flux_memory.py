@@ -116,7 +116,7 @@ def markdown(result: dict, activation_gib: float, budget_gib: float) -> str:
     lines.append("")
     lines.append(
         f"Totals in GiB without activations; ✓: total + {activation_gib:g} GiB (assumed activations and CUDA context) "
-        f"≤ {budget_gib:g} GiB. The VAE adds {first['vae']:.2f} GiB to every row."
+        f"≤ {budget_gib:g} GiB. Every total includes the VAE's {first['vae']:.2f} GiB."
     )
     lines.append("")
     lines.append(

@@ -190,13 +190,20 @@ def test_prompt_embeddings_are_the_pipelines(flux_assets):
     assert torch.equal(ours.encoder_hidden_states, hidden) and torch.equal(ours.pooled, pooled)
 
 
-def test_a_step_is_diffusers_flux_step_with_the_pipelines_inputs(flux_assets):
+@pytest.mark.parametrize("kind", ["InstantX", "XLabs"])
+def test_a_step_is_diffusers_flux_step_with_the_pipelines_inputs(flux_assets, kind):
     """The loss of diffusers' train_controlnet_flux.py, computed here from its formula with the
     pipeline's own packing and position ids: the VAE's shifted, scaled latents of [-1, 1] images
     and conditioning images, packed 2x2; timestep / 1000; the guidance scale to both models; the
     ControlNet's residuals; the plain squared error against noise - latents, whatever the
-    weighting scheme (Flux's script uses it for the timestep density alone)."""
+    weighting scheme (Flux's script uses it for the timestep density alone). An XLabs-style
+    ControlNet (a pixel encoder, ``input_hint_block``) takes the [-1, 1] pixels and its few
+    residuals repeat over the blocks, as FluxControlNetPipeline runs it (diffusers' script cannot)."""
     models = loaded(flux_assets, max_sequence_length=SHORT_T5, guidance_scale=3.5)
+    if kind == "XLabs":
+        config = dict(models.denoiser.config) | {"num_layers": 2, "num_single_layers": 0}
+        # A 3-channel pixel encoder to 16 channels at 1/8 size, patchified 2x2 into 64.
+        models.controlnet = FluxControlNetModel.from_config(config | {"conditioning_embedding_channels": 16, "patch_size": 2})
     generator = torch.Generator().manual_seed(0)
     images, conditioning = torch.rand(2, 3, 64, 64, generator=generator), torch.rand(2, 3, 64, 64, generator=generator)
     # A trained ControlNet: the zero-initialised output layers of a fresh one would hide its path.
@@ -206,7 +213,15 @@ def test_a_step_is_diffusers_flux_step_with_the_pipelines_inputs(flux_assets):
         models.controlnet.controlnet_x_embedder.weight.normal_(std=0.05, generator=generator)
     text = FLUX.encode_prompts(models, ["red circle", "green circle"])
     vae = models.vae
-    latents = FLUX.encode_control(models, images, None)  # the same VAE path as the images'
+
+    def vae_latents(pixels):
+        mean = vae.encode(pixels * 2 - 1).latent_dist.mean
+        return (mean - vae.config.shift_factor) * vae.config.scaling_factor
+
+    def packed(x):
+        return FluxControlNetPipeline._pack_latents(x, 2, 16, 8, 8)
+
+    latents = vae_latents(images)
     control = FLUX.encode_control(models, conditioning, None)
     noise = torch.randn(latents.shape, generator=generator)
     timesteps = models.noise_scheduler.timesteps[torch.tensor([100, 700])]
@@ -216,15 +231,8 @@ def test_a_step_is_diffusers_flux_step_with_the_pipelines_inputs(flux_assets):
             models, models.controlnet, latents=latents, noise=noise, timesteps=timesteps, text=text,
             controlnet_image=control, objective=objective,
         )  # fmt: skip
-
-        def packed(x):
-            return FluxControlNetPipeline._pack_latents(x, 2, 16, 8, 8)
-
-        def vae_latents(pixels):
-            mean = vae.encode(pixels * 2 - 1).latent_dist.mean
-            return (mean - vae.config.shift_factor) * vae.config.scaling_factor
-
-        x0, cond = packed(vae_latents(images)), packed(vae_latents(conditioning))
+        x0 = packed(latents)
+        cond = conditioning * 2 - 1 if kind == "XLabs" else packed(vae_latents(conditioning))
         ids = FluxControlNetPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
         sigmas = (timesteps / 1000).reshape(-1, 1, 1)
         noisy = (1 - sigmas) * x0 + sigmas * packed(noise)
@@ -239,9 +247,12 @@ def test_a_step_is_diffusers_flux_step_with_the_pipelines_inputs(flux_assets):
             "return_dict": False,
         }
         blocks, single = models.controlnet(controlnet_cond=cond, **common)
-        prediction = models.denoiser(controlnet_block_samples=blocks, controlnet_single_block_samples=single, **common)[
-            0
-        ]
+        prediction = models.denoiser(
+            controlnet_block_samples=blocks,
+            controlnet_single_block_samples=single,
+            controlnet_blocks_repeat=kind == "XLabs",
+            **common,
+        )[0]
         theirs = F.mse_loss(prediction, packed(noise) - x0)
         without_control = FLUX.loss(
             models, models.controlnet, latents=latents, noise=noise, timesteps=timesteps, text=text,
