@@ -19,7 +19,7 @@ from controlnet_trainer.cli import run
 STEPS = 250
 HONEST_GAP = 0.0015  # the honest run's gap at STEPS exceeds this
 SHUFFLED_GAP = 0.0005  # the shuffled run's gap stays within this of zero
-SD3_STEPS = 150
+SD3_STEPS = 100  # by then the honest SD3 gap is about 1.5 times the bound asserted, 7 times the shuffled one
 
 
 @pytest.fixture(scope="module")
