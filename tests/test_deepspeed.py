@@ -11,12 +11,13 @@ before any training.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch, finished, start_accelerate_launch, train_argv
+from conftest import accelerate_launch, finished, free_port, script_env, start_accelerate_launch, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
@@ -94,7 +95,6 @@ def launched_rank_env(config: Path) -> dict[str, str]:
     adds."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
-    from conftest import free_port, script_env
 
     args = launch_command_parser().parse_args(["--config_file", str(config), "train_controlnet.py"])
     args, defaults, _ = _validate_launch_command(args)
@@ -102,7 +102,15 @@ def launched_rank_env(config: Path) -> dict[str, str]:
     args.main_process_port = free_port()
     _, env = prepare_deepspeed_cmd_env(args)
     rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-    return script_env() | env | rank | {"MASTER_PORT": str(args.main_process_port)}
+    return env | rank | {"MASTER_PORT": str(args.main_process_port)}
+
+
+def use_environment(monkeypatch, env: dict[str, str]) -> None:
+    """This process's environment becomes ``env`` until the test ends."""
+    for name in set(os.environ) - set(env):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
 
 
 def test_zero3_is_refused_before_training(assets, tmp_path, monkeypatch):
@@ -111,8 +119,8 @@ def test_zero3_is_refused_before_training(assets, tmp_path, monkeypatch):
     from controlnet_trainer.errors import TrainingError
 
     config = deepspeed_config(tmp_path / "zero3.yaml", zero_stage=3)
-    for name, value in launched_rank_env(config).items():
-        monkeypatch.setenv(name, value)
+    use_environment(monkeypatch, script_env())  # the launcher's, as for a launch
+    use_environment(monkeypatch, launched_rank_env(config))
     try:
         with pytest.raises(TrainingError, match="ZeRO-3"):
             run(train_argv(assets, tmp_path / "zero3"))
