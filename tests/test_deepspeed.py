@@ -11,12 +11,13 @@ before any training.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch, finished, start_accelerate_launch, train_argv
+from conftest import accelerate_launch, finished, free_port, script_env, start_accelerate_launch, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
@@ -88,9 +89,43 @@ def test_zero2_in_bf16_saves_the_optimizers_fp32_weights_not_the_rounded_module(
         assert kept > 0.5 * sum(tensor.numel() for tensor in weights.values())
 
 
-def test_zero3_is_refused_before_training(assets, tmp_path):
+def launched_rank_env(config: Path) -> dict[str, str]:
+    """The environment of the one rank that `accelerate launch --config_file config` starts: what
+    accelerate's own launcher derives from the configuration, and the rank variables its torchrun
+    adds."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "train_controlnet.py"])
+    args, defaults, _ = _validate_launch_command(args)
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+    args.main_process_port = free_port()
+    _, env = prepare_deepspeed_cmd_env(args)
+    rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    return env | rank | {"MASTER_PORT": str(args.main_process_port)}
+
+
+def use_environment(monkeypatch, env: dict[str, str]) -> None:
+    """This process's environment becomes ``env`` until the test ends."""
+    for name in set(os.environ) - set(env):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_zero3_is_refused_before_training(assets, tmp_path, monkeypatch):
+    """The launched rank's start, in this process: a ZeRO-3 configuration stops the run at the
+    accelerator, before any data or model is loaded."""
+    from controlnet_trainer.errors import TrainingError
+
     config = deepspeed_config(tmp_path / "zero3.yaml", zero_stage=3)
-    done = launch(config, train_argv(assets, tmp_path / "zero3"))
-    assert done.returncode != 0
-    assert "ZeRO-3" in done.stderr
+    use_environment(monkeypatch, script_env())  # the launcher's, as for a launch
+    use_environment(monkeypatch, launched_rank_env(config))
+    try:
+        with pytest.raises(TrainingError, match="ZeRO-3"):
+            run(train_argv(assets, tmp_path / "zero3"))
+    finally:
+        # The rank's process group, which DeepSpeed started here, ends with the test.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     assert not (tmp_path / "zero3" / "metrics.jsonl").exists()
