@@ -89,7 +89,7 @@ def _check_other_families(
         if other.is_own_denoiser(other_config):
             raise ModelError(
                 f"`--pretrained_model_name_or_path` {settings.pretrained_model_name_or_path!r} is "
-                f"{_article(other.title)} {other.title} model (read from its {other.denoiser_subfolder}/config.json), "
+                f"{indefinite_article(other.title)} {other.title} model (read from its {other.denoiser_subfolder}/config.json), "
                 f"but it was given to the {family.title} code path. {fix(other)}"
             )
 
@@ -97,7 +97,10 @@ def _check_other_families(
 def _denoiser_config(settings: ModelSettings, subfolder: str) -> dict:
     """The config.json of the base model's denoiser; OSError if there is none to read."""
     return _config_reader().load_config(
-        settings.pretrained_model_name_or_path, subfolder=subfolder, revision=settings.revision, cache_dir=settings.cache_dir
+        settings.pretrained_model_name_or_path,
+        subfolder=subfolder,
+        revision=settings.revision,
+        cache_dir=settings.cache_dir,
     )
 
 
@@ -109,8 +112,8 @@ def _config_reader() -> type:
     return type("ConfigReader", (ConfigMixin,), {"config_name": "config.json"})
 
 
-def _article(title: str) -> str:
-    """"an SD3", "an SDXL" (letters read out), "a Flux" (a word)."""
+def indefinite_article(title: str) -> str:
+    """ "an SD3", "an SDXL" (letters read out), "a Flux" (a word)."""
     if title[:2].isupper():
         return "an" if title[:1] in "AEFHILMNORSX" else "a"
     return "an" if title[:1].lower() in "aeiou" else "a"
@@ -162,5 +165,3 @@ def mixed_precision_autocast(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-

@@ -142,9 +142,7 @@ def names() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
-def token_ids(
-    tokenizer, prompts: Sequence[str], device: torch.device, max_length: int | None = None
-) -> torch.Tensor:
+def token_ids(tokenizer, prompts: Sequence[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:
     """Token ids padded to ``max_length`` (the tokenizer's own length by default), on ``device``."""
     return tokenizer(
         list(prompts),

@@ -8,13 +8,48 @@ diffusers loads inside the functions (it takes seconds to import).
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Sequence
 
 import torch
 import transformers
 
-from ..models import ModelError, check_local_path, check_xformers
+from ..models import ModelError, check_local_path, check_xformers, indefinite_article
 from . import Models
+
+logger = logging.getLogger(__name__)
+
+
+def pretrained_controlnet_config(model_class, settings, *, family: str) -> dict:
+    """The config of --controlnet_model_name_or_path, checked to be a ``model_class`` ControlNet
+    before its weights are read."""
+    source = settings.controlnet_model_name_or_path
+    check_local_path(source, "--controlnet_model_name_or_path")
+    logger.info("Loading the ControlNet from %s", source)
+    try:
+        config = model_class.load_config(source, cache_dir=settings.cache_dir)
+    except OSError as error:
+        raise ModelError(
+            f"`--controlnet_model_name_or_path` {source!r} holds no diffusers ControlNet ({' '.join(str(error).split())}). "
+            "Point it at a folder or hub repo with config.json and diffusion_pytorch_model.safetensors, "
+            "as this trainer and diffusers save them."
+        ) from error
+    expected = model_class.__name__
+    if config.get("_class_name") != expected:
+        raise ModelError(
+            f"`--controlnet_model_name_or_path` {source!r} is a {config.get('_class_name')}, not {indefinite_article(expected)} "
+            f"{expected}: use a ControlNet made for {family}, or omit the flag to build one from the transformer."
+        )
+    return config
+
+
+def config_mismatches(controlnet, transformer, keys: Sequence[str]) -> list[str]:
+    """``key: ControlNet value vs transformer value`` for each of ``keys`` on which the two configs differ."""
+    return [
+        f"{key}: ControlNet {controlnet.config.get(key)} vs transformer {transformer.config.get(key)}"
+        for key in keys
+        if controlnet.config.get(key) != transformer.config.get(key)
+    ]
 
 
 def load_tokenizer(settings, subfolder: str, *, subfolders: Sequence[str]):

@@ -83,7 +83,9 @@ def training_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
     raise ValueError(f"Unknown prediction type {prediction_type}")
 
 
-def sample_noise(models, latents: torch.Tensor, generator: torch.Generator, objective) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_noise(
+    models, latents: torch.Tensor, generator: torch.Generator, objective
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample's noise and timestep for the family record (``sample_noise_and_timesteps``)."""
     num_train_timesteps = models.noise_scheduler.config.num_train_timesteps
     return sample_noise_and_timesteps(latents, num_train_timesteps, generator, objective.noise_offset)

@@ -18,7 +18,7 @@ import logging
 import torch
 
 from ..errors import ArgumentError
-from ..models import ModelError, check_local_path
+from ..models import ModelError
 from . import Defaults, ModelCard, ModelFamily, Models, TextConditioning, components, flow, to_latents, token_ids
 
 logger = logging.getLogger(__name__)
@@ -222,20 +222,7 @@ def load_controlnet(settings, transformer):
             attention_head_dim=transformer.config.attention_head_dim,
             num_attention_heads=transformer.config.num_attention_heads,
         )
-    check_local_path(source, "--controlnet_model_name_or_path")
-    logger.info("Loading the ControlNet from %s", source)
-    try:
-        config = FluxControlNetModel.load_config(source, cache_dir=settings.cache_dir)
-    except OSError as error:
-        raise ModelError(
-            f"`--controlnet_model_name_or_path` {source!r} holds no diffusers ControlNet ({' '.join(str(error).split())}). "
-            "Point it at a folder or hub repo with config.json and diffusion_pytorch_model.safetensors."
-        ) from error
-    if config.get("_class_name") != "FluxControlNetModel":
-        raise ModelError(
-            f"`--controlnet_model_name_or_path` {source!r} is a {config.get('_class_name')}, not a "
-            "FluxControlNetModel: use a ControlNet made for Flux, or omit the flag to build one from the transformer."
-        )
+    config = components.pretrained_controlnet_config(FluxControlNetModel, settings, family="Flux")
     if config.get("num_mode") is not None:
         raise ModelError(
             f"`--controlnet_model_name_or_path` {source!r} is a Union ControlNet ({config['num_mode']} control "
@@ -250,11 +237,7 @@ def load_controlnet(settings, transformer):
 def check_controlnet_matches(controlnet, transformer) -> None:
     """A ControlNet made for another base model fails here instead of mid-step."""
     keys = ("num_attention_heads", "attention_head_dim", "in_channels", "joint_attention_dim", "pooled_projection_dim")
-    mismatched = [
-        f"{key}: ControlNet {controlnet.config.get(key)} vs transformer {transformer.config.get(key)}"
-        for key in keys
-        if controlnet.config.get(key) != transformer.config.get(key)
-    ]
+    mismatched = components.config_mismatches(controlnet, transformer, keys)
     if mismatched:
         raise ModelError(
             "The ControlNet does not match the transformer of the base model (" + "; ".join(mismatched) + "). Use a "
@@ -491,7 +474,9 @@ def _meta_models(settings):
             encoders.append(getattr(transformers, _ENCODER_CLASSES[subfolder][0])(config))
         if settings.controlnet_model_name_or_path:
             source = settings.controlnet_model_name_or_path
-            controlnet = FluxControlNetModel.from_config(FluxControlNetModel.load_config(source, cache_dir=settings.cache_dir))
+            controlnet = FluxControlNetModel.from_config(
+                FluxControlNetModel.load_config(source, cache_dir=settings.cache_dir)
+            )
         else:
             controlnet = FluxControlNetModel.from_transformer(
                 transformer,

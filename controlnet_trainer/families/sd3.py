@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ArgumentError
-from ..models import ModelError, check_local_path
+from ..models import ModelError
 from . import Defaults, ModelCard, ModelFamily, Models, TextConditioning, components, flow, token_ids
 
 logger = logging.getLogger(__name__)
@@ -128,21 +128,7 @@ def load_controlnet(settings, transformer):
         return SD3ControlNetModel.from_transformer(
             transformer, num_extra_conditioning_channels=settings.num_extra_conditioning_channels
         )
-    check_local_path(source, "--controlnet_model_name_or_path")
-    logger.info("Loading the ControlNet from %s", source)
-    try:
-        config = SD3ControlNetModel.load_config(source, cache_dir=settings.cache_dir)
-    except OSError as error:
-        raise ModelError(
-            f"`--controlnet_model_name_or_path` {source!r} holds no diffusers ControlNet ({' '.join(str(error).split())}). "
-            "Point it at a folder or hub repo with config.json and diffusion_pytorch_model.safetensors, "
-            "as this trainer and diffusers save them."
-        ) from error
-    if config.get("_class_name") != "SD3ControlNetModel":
-        raise ModelError(
-            f"`--controlnet_model_name_or_path` {source!r} is a {config.get('_class_name')}, not an "
-            "SD3ControlNetModel: use a ControlNet made for SD3, or omit the flag to build one from the transformer."
-        )
+    components.pretrained_controlnet_config(SD3ControlNetModel, settings, family="SD3")
     controlnet = SD3ControlNetModel.from_pretrained(source, cache_dir=settings.cache_dir)
     check_controlnet_matches(controlnet, transformer)
     return controlnet
@@ -151,11 +137,7 @@ def load_controlnet(settings, transformer):
 def check_controlnet_matches(controlnet, transformer) -> None:
     """A ControlNet made for another base model fails here instead of mid-step."""
     keys = ("num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "pooled_projection_dim")
-    mismatched = [
-        f"{key}: ControlNet {controlnet.config.get(key)} vs transformer {transformer.config.get(key)}"
-        for key in keys
-        if controlnet.config.get(key) != transformer.config.get(key)
-    ]
+    mismatched = components.config_mismatches(controlnet, transformer, keys)
     if controlnet.config.num_layers > transformer.config.num_layers:
         mismatched.append(
             f"num_layers: ControlNet {controlnet.config.num_layers} vs transformer {transformer.config.num_layers}"
