@@ -20,7 +20,7 @@ from . import checkpointing, data, fidelity, sharding, tracking, validation
 from .cache import EmbeddingCache
 from .checkpointing import TrainingProgress
 from .errors import TrainingError
-from .families import ModelFamily, Models
+from .families import ModelFamily, Models, TextConditioning
 from .models import eager_evaluation
 from .optimization import averaged_weights
 from .plan import TrainPlan
@@ -46,6 +46,8 @@ class LoopParts:
     embeddings: EmbeddingCache | None = None
     offloaded: tuple[torch.nn.Module, ...] = ()  # encoders that wait on the CPU for validation
     ema: EMAModel | None = None
+    # The validation prompts' embeddings, when the pipeline takes them instead of text encoders.
+    prompt_embeddings: dict[str, TextConditioning] | None = None
 
 
 def train_loop(parts: LoopParts, batches, progress: TrainingProgress, stop) -> tuple[TrainingProgress, bool]:
@@ -187,6 +189,7 @@ def validate(parts: LoopParts, step: int) -> None:
         weight_dtype=parts.plan.weight_dtype,
         step=step,
         seed=parts.plan.seed,
+        prompt_embeddings=parts.prompt_embeddings,
     )
     for module in parts.offloaded:
         module.to("cpu")

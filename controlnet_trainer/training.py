@@ -107,11 +107,16 @@ def train(settings: Settings, family: ModelFamily) -> RunResult:
         clock.lap("fidelity_probe")
     row_buckets = None if sampler is None else sampler.buckets_of_samples
     embeddings = cache.prepare_cache(accelerator, settings, family, models, rows, transform, row_buckets)
+    prompt_embeddings = embed_validation_prompts(settings, family, models)
     offloaded = offload_cached_encoders(settings.memory, models, keep_vae=family.control_uses_vae)
+    if prompt_embeddings is not None:  # the text encoders need not come back for validation
+        offloaded = tuple(module for module in offloaded if all(module is not e for e in models.text_encoders))
     if embeddings is not None:
         clock.lap("embeddings_cache")
 
-    optimizer = make_optimizer(settings.optimizer, models.controlnet.parameters(), plan.learning_rate, accelerator.device)
+    optimizer = make_optimizer(
+        settings.optimizer, models.controlnet.parameters(), plan.learning_rate, accelerator.device
+    )
     lr_scheduler = make_lr_scheduler(settings.optimizer, optimizer, plan, accelerator.num_processes)
     ema = make_ema(settings.optimizer, models.controlnet, accelerator.device)
     checkpointing.register_model_hooks(accelerator, ema, folder=family.checkpoint_folder)
@@ -154,7 +159,19 @@ def train(settings: Settings, family: ModelFamily) -> RunResult:
     metrics.log(clock.metrics(), step=progress.global_step)
 
     parts = LoopParts(
-        accelerator, settings, family, models, plan, optimizer, lr_scheduler, metrics, probe, embeddings, offloaded, ema
+        accelerator,
+        settings,
+        family,
+        models,
+        plan,
+        optimizer,
+        lr_scheduler,
+        metrics,
+        probe,
+        embeddings,
+        offloaded,
+        ema,
+        prompt_embeddings,
     )
     try:
         with stop_on_signals(host_group) as stop:
@@ -367,6 +384,16 @@ def agree_on_hub_repo(accelerator: Accelerator, output: OutputSettings) -> str:
     if problem is not None:
         raise hub.HubError(problem)
     return repo_id
+
+
+def embed_validation_prompts(settings: Settings, family: ModelFamily, models: Models) -> dict | None:
+    """With the text embeddings cached, the validation prompts' embeddings, made now while the text
+    encoders are on the device, where the family's pipeline can take embeddings: the encoders then
+    stay in CPU memory through validation (FLUX.1's T5 alone is 8.9 GiB)."""
+    prompts = settings.evaluation.validation_prompt
+    if not (settings.memory.cache_text_embeddings and prompts and family.prompt_embedding_inputs):
+        return None
+    return validation.encode_validation_prompts(family, models, prompts)
 
 
 def offload_cached_encoders(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from PIL import Image
 
 from .data import to_rgb
 from .errors import InputError
-from .families import ModelFamily, Models
+from .families import ModelFamily, Models, TextConditioning
 from .models import mixed_precision_autocast
 from .settings import EvaluationSettings
 
@@ -47,10 +48,19 @@ def check_validation_images(paths: Sequence[str] | None) -> None:
             ) from error
 
 
-def build_pipeline(family: ModelFamily, models: Models, controlnet, device: torch.device):
-    """The family's ControlNet pipeline around the models already in memory (no reload)."""
+def build_pipeline(
+    family: ModelFamily, models: Models, controlnet, device: torch.device, *, text_encoders: bool = True
+):
+    """The family's ControlNet pipeline around the models already in memory (no reload); without
+    ``text_encoders`` it has none, for prompts given as embeddings."""
     pipeline_class = getattr(diffusers, family.pipeline_class)
-    pipeline = pipeline_class(**family.pipeline_components(models, controlnet))
+    components = family.pipeline_components(models, controlnet)
+    if not text_encoders:
+        components = {
+            name: None if any(part is encoder for encoder in models.text_encoders) else part
+            for name, part in components.items()
+        }
+    pipeline = pipeline_class(**components)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
@@ -97,9 +107,11 @@ def generate(
     seed: int,
     weight_dtype: torch.dtype,
     num_inference_steps: int = 20,
+    prompt_inputs: Callable[[str, int], dict] | None = None,
 ) -> list[dict]:
     """For each (prompt, image path): the conditioning image and ``num_images`` generations;
-    ``inputs`` gives the family's pipeline arguments for a conditioning image."""
+    ``inputs`` gives the family's pipeline arguments for a conditioning image, ``prompt_inputs``
+    those for a prompt and a count (the prompt's text repeated by default)."""
     device = pipeline.device
     generator = torch.Generator(device=device).manual_seed(seed)
     autocast = mixed_precision_autocast(device, weight_dtype)
@@ -108,7 +120,7 @@ def generate(
         conditioning = to_rgb(Image.open(image_path), (0, 0, 0)).resize((resolution, resolution))
         with autocast, residuals_in(pipeline.controlnet, weight_dtype), torch.no_grad():
             images = pipeline(
-                [prompt] * num_images,
+                **(prompt_inputs or text_prompts)(prompt, num_images),
                 **inputs(conditioning),
                 num_inference_steps=num_inference_steps,
                 generator=generator,
@@ -117,6 +129,21 @@ def generate(
             ).images
         results.append({"prompt": prompt, "conditioning": conditioning, "images": images})
     return results
+
+
+def text_prompts(prompt: str, count: int) -> dict:
+    return {"prompt": [prompt] * count}
+
+
+def embedded_prompts(
+    family: ModelFamily, embeddings: dict[str, TextConditioning], device: torch.device, prompt: str, count: int
+) -> dict:
+    """The pipeline's arguments for ``count`` images of ``prompt`` from its embeddings."""
+    text = embeddings[prompt]
+    repeated = [
+        None if t is None else t.to(device).repeat(count, *[1] * (t.dim() - 1)) for t in dataclasses.astuple(text)
+    ]
+    return family.prompt_embedding_inputs(TextConditioning(*repeated))
 
 
 def save_grid(results: Sequence[dict], path: Path) -> Path:
@@ -148,6 +175,18 @@ def log_to_trackers(accelerator: Accelerator, results: Sequence[dict], step: int
             tracker.log({"validation": images}, step=step)
 
 
+def encode_validation_prompts(
+    family: ModelFamily, models: Models, prompts: Sequence[str]
+) -> dict[str, TextConditioning]:
+    """Each prompt's embeddings, kept in CPU memory, for validation without the text encoders."""
+    with torch.no_grad():
+        encoded = {prompt: family.encode_prompts(models, [prompt]) for prompt in dict.fromkeys(prompts)}
+    return {
+        prompt: TextConditioning(*(None if t is None else t.cpu() for t in dataclasses.astuple(text)))
+        for prompt, text in encoded.items()
+    }
+
+
 def run_validation(
     *,
     accelerator: Accelerator,
@@ -160,17 +199,22 @@ def run_validation(
     weight_dtype: torch.dtype,
     step: int,
     seed: int,
+    prompt_embeddings: dict[str, TextConditioning] | None = None,
 ) -> Path:
     """Generate, write ``validation/step-<step>.png`` and log (the caller runs it on the main
-    process, when validation prompts are given, with the bare ControlNet and all its weights)."""
+    process, when validation prompts are given, with the bare ControlNet and all its weights).
+    Given ``prompt_embeddings`` (every validation prompt's), the pipeline has no text encoders."""
     logger.info("Running validation at step %d", step)
     was_training = controlnet.training
     controlnet.eval()
-    pipeline = build_pipeline(family, models, controlnet, accelerator.device)
+    embedded = prompt_embeddings is not None
+    pipeline = build_pipeline(family, models, controlnet, accelerator.device, text_encoders=not embedded)
+    prompts = functools.partial(embedded_prompts, family, prompt_embeddings, pipeline.device) if embedded else None
     results = generate(
         pipeline,
         validation_pairs(evaluation.validation_prompt, evaluation.validation_image),
         inputs=functools.partial(family.pipeline_inputs, models),
+        prompt_inputs=prompts,
         num_images=evaluation.num_validation_images,
         resolution=resolution,
         seed=seed,

@@ -3,12 +3,14 @@ Flux ControlNet pipeline compute it, and real runs on the tiny FLUX.1-dev."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shlex
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ from safetensors.torch import load_file
 from test_arguments import DIFFUSERS_SD_DEFAULTS
 from test_fidelity_training import fill_data, gaps, train_side_by_side  # noqa: F401 (fill_data: a fixture)
 
-from controlnet_trainer import families, fixtures
+from controlnet_trainer import families, fixtures, validation
 from controlnet_trainer.arguments import ArgumentError, build_parser, parse_args
 from controlnet_trainer.cli import run
 from controlnet_trainer.models import ModelError, check_base_model
@@ -188,6 +190,31 @@ def test_prompt_embeddings_are_the_pipelines(flux_assets):
         hidden, pooled, _ = pipeline.encode_prompt(prompts, prompt_2=prompts)
     assert ours.encoder_hidden_states.shape == (2, 512, models.denoiser.config.joint_attention_dim)
     assert torch.equal(ours.encoder_hidden_states, hidden) and torch.equal(ours.pooled, pooled)
+
+
+def test_validation_from_prompt_embeddings_needs_no_text_encoder(flux_assets):
+    """With the text embeddings cached, validation hands the pipeline the prompts' embeddings and
+    builds it without CLIP and T5 (which stay in CPU memory): the same images as from the text."""
+    models = loaded(flux_assets)
+    models.controlnet = FluxControlNetModel.from_pretrained(flux_assets["controlnet_flux"])
+    prompts = ["red circle with blue background", "green circle"]
+    embeddings = validation.encode_validation_prompts(FLUX, models, prompts + prompts[:1])
+    assert list(embeddings) == prompts
+    pairs = [(prompt, flux_assets["validation"][0]) for prompt in prompts]
+    common = {"inputs": lambda image: FLUX.pipeline_inputs(models, image), "num_images": 2, "resolution": 64, "seed": 0}
+    common |= {"weight_dtype": torch.float32, "num_inference_steps": 2}
+    cpu = torch.device("cpu")
+    with_text = validation.build_pipeline(FLUX, models, models.controlnet, cpu)
+    from_text = validation.generate(with_text, pairs, **common)
+    bare = validation.build_pipeline(FLUX, models, models.controlnet, cpu, text_encoders=False)
+    assert bare.text_encoder is None and bare.text_encoder_2 is None
+    embedded = functools.partial(validation.embedded_prompts, FLUX, embeddings, cpu)
+    from_embeddings = validation.generate(bare, pairs, prompt_inputs=embedded, **common)
+    for text_row, embedding_row in zip(from_text, from_embeddings, strict=True):
+        for text_image, embedding_image in zip(text_row["images"], embedding_row["images"], strict=True):
+            assert np.array_equal(np.asarray(text_image), np.asarray(embedding_image))
+    # The prompt reaches the images: the two prompts' first images differ.
+    assert not np.array_equal(np.asarray(from_text[0]["images"][0]), np.asarray(from_text[1]["images"][0]))
 
 
 @pytest.mark.parametrize("kind", ["InstantX", "XLabs"])
@@ -377,7 +404,8 @@ def test_jsonl_rows_adafactor_bf16_weights_and_offloaded_encoders(flux_assets, t
 def test_wide_and_tall_buckets_ema_and_the_cache_which_changes_nothing_but_speed(flux_assets, tmp_path):
     """Latents of 8 x 16 and 16 x 8 pack into tokens with their own position ids; cached latents and
     both encoders' embeddings give the uncached run's losses exactly (prompt dropout still drawn
-    per sample per step); the EMA copy is what gets saved."""
+    per sample per step), and its validation images, made from the prompts' embeddings without the
+    text encoders; the EMA copy is what gets saved."""
     mixed = fixtures.build_fill_dataset(tmp_path / "mixed", num_rows=16, size=128, aspect_ratios=(2.0, 0.5))
     flags = {
         "dataset_name": mixed,
@@ -387,6 +415,9 @@ def test_wide_and_tall_buckets_ema_and_the_cache_which_changes_nothing_but_speed
         "proportion_empty_prompts": 0.5,
         "use_ema": True,
         "checkpointing_steps": 3,
+        "validation_prompt": "red circle with blue background",
+        "validation_image": flux_assets["validation"][0],
+        "num_validation_images": 1,
     }
     run(flux_argv(flux_assets, tmp_path / "plain", **flags), family="flux")
     cached = {"cache_latents": True, "cache_text_embeddings": True, "embeddings_cache_dir": tmp_path / "cache"}
@@ -394,6 +425,8 @@ def test_wide_and_tall_buckets_ema_and_the_cache_which_changes_nothing_but_speed
     plain, with_cache = ([r["loss"] for r in step_records(tmp_path / name)] for name in ("plain", "cached"))
     assert plain == with_cache and len(plain) == 3
     assert any((tmp_path / "cache").rglob("*.npy"))
+    grids = [np.asarray(Image.open(tmp_path / name / "validation" / "step-000003.png")) for name in ("plain", "cached")]
+    assert np.array_equal(*grids)
     final, checkpoint = saved_weights(tmp_path / "plain"), tmp_path / "plain" / "checkpoint-3"
     assert json.loads((checkpoint / "controlnet_ema" / "config.json").read_text())["_class_name"] == "FluxControlNetModel"
     raw = saved_weights(checkpoint / "flux_controlnet")

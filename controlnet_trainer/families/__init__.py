@@ -131,6 +131,10 @@ class ModelFamily:
     # Whether some ControlNet parameters get no gradient in a step (the prompt branch of SD3's last
     # ControlNet block feeds nothing), so DDP must look for them.
     unused_parameters: bool = False
+    # The pipeline's arguments that stand for a prompt, made from its embeddings; given where the
+    # validation pipeline needs nothing else from the text encoders (no negative prompt), so that
+    # cached text encoders stay in CPU memory through validation. None: validation passes text.
+    prompt_embedding_inputs: Callable[[TextConditioning], dict] | None = None
 
 
 def by_name(name: str) -> ModelFamily:

@@ -434,6 +434,10 @@ def pipeline_inputs(models: Models, conditioning) -> dict:
     }
 
 
+def prompt_embedding_inputs(text: TextConditioning) -> dict:
+    return {"prompt_embeds": text.encoder_hidden_states, "pooled_prompt_embeds": text.pooled}
+
+
 def memory_estimate(settings, weight_dtype: torch.dtype) -> dict[str, float]:
     """GiB this run keeps on the GPU before activations (``controlnet_trainer.memory``), from the
     models' configs alone: the models are built on the meta device, so nothing is downloaded but
@@ -527,4 +531,5 @@ FAMILY = ModelFamily(
     checkpoint_folder="flux_controlnet",
     memory_estimate=memory_estimate,
     unused_parameters=True,
+    prompt_embedding_inputs=prompt_embedding_inputs,
 )
