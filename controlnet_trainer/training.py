@@ -114,9 +114,7 @@ def train(settings: Settings, family: ModelFamily) -> RunResult:
     if embeddings is not None:
         clock.lap("embeddings_cache")
 
-    optimizer = make_optimizer(
-        settings.optimizer, models.controlnet.parameters(), plan.learning_rate, accelerator.device
-    )
+    optimizer = make_optimizer(settings.optimizer, models.controlnet.parameters(), plan.learning_rate, accelerator.device)
     lr_scheduler = make_lr_scheduler(settings.optimizer, optimizer, plan, accelerator.num_processes)
     ema = make_ema(settings.optimizer, models.controlnet, accelerator.device)
     checkpointing.register_model_hooks(accelerator, ema, folder=family.checkpoint_folder)
@@ -159,19 +157,8 @@ def train(settings: Settings, family: ModelFamily) -> RunResult:
     metrics.log(clock.metrics(), step=progress.global_step)
 
     parts = LoopParts(
-        accelerator,
-        settings,
-        family,
-        models,
-        plan,
-        optimizer,
-        lr_scheduler,
-        metrics,
-        probe,
-        embeddings,
-        offloaded,
-        ema,
-        prompt_embeddings,
+        accelerator, settings, family, models, plan, optimizer, lr_scheduler, metrics, probe, embeddings, offloaded, ema,
+        prompt_embeddings=prompt_embeddings,
     )
     try:
         with stop_on_signals(host_group) as stop:
