@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -139,11 +138,8 @@ def embedded_prompts(
     family: ModelFamily, embeddings: dict[str, TextConditioning], device: torch.device, prompt: str, count: int
 ) -> dict:
     """The pipeline's arguments for ``count`` images of ``prompt`` from its embeddings."""
-    text = embeddings[prompt]
-    repeated = [
-        None if t is None else t.to(device).repeat(count, *[1] * (t.dim() - 1)) for t in dataclasses.astuple(text)
-    ]
-    return family.prompt_embedding_inputs(TextConditioning(*repeated))
+    repeated = embeddings[prompt].apply(lambda t: t.to(device).repeat(count, *[1] * (t.dim() - 1)))
+    return family.prompt_embedding_inputs(repeated)
 
 
 def save_grid(results: Sequence[dict], path: Path) -> Path:
@@ -181,10 +177,7 @@ def encode_validation_prompts(
     """Each prompt's embeddings, kept in CPU memory, for validation without the text encoders."""
     with torch.no_grad():
         encoded = {prompt: family.encode_prompts(models, [prompt]) for prompt in dict.fromkeys(prompts)}
-    return {
-        prompt: TextConditioning(*(None if t is None else t.cpu() for t in dataclasses.astuple(text)))
-        for prompt, text in encoded.items()
-    }
+    return {prompt: text.apply(torch.Tensor.cpu) for prompt, text in encoded.items()}
 
 
 def run_validation(

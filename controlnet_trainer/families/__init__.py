@@ -34,9 +34,15 @@ class TextConditioning:
     encoder_hidden_states: torch.Tensor
     pooled: torch.Tensor | None = None
 
+    def apply(self, function: Callable[[torch.Tensor], torch.Tensor]) -> TextConditioning:
+        """This conditioning with ``function`` applied to each of its tensors."""
+        return TextConditioning(
+            function(self.encoder_hidden_states), None if self.pooled is None else function(self.pooled)
+        )
+
     def select(self, keep: torch.Tensor) -> TextConditioning:
         """Rows of this conditioning where ``keep`` is true (a bool mask over the batch)."""
-        return TextConditioning(self.encoder_hidden_states[keep], None if self.pooled is None else self.pooled[keep])
+        return self.apply(lambda tensor: tensor[keep])
 
 
 @dataclasses.dataclass
