@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
+# Collection waits until every test module, and the training stack they import, has loaded: see
+# pytest_collection_finish.
+gc.disable()
+
 import json
 import os
 import socket
@@ -71,6 +77,18 @@ def accelerate_launch(
     """train_controlnet.py under `accelerate launch` with ``launch_flags``, to its end (see
     start_accelerate_launch)."""
     return finished(start_accelerate_launch(launch_flags, argv, engine_on_cpu=engine_on_cpu), timeout)
+
+
+def pytest_collection_finish(session):
+    """The test modules are imported: about a million objects (torch, diffusers, transformers)
+    that live as long as the session. Frozen, no full collection walks them again; objects the
+    tests make are collected as usual (controlnet_trainer.cli.settled_imports does the same for a
+    training process)."""
+    # The training stack itself, which most modules reach only through cli.run.
+    from controlnet_trainer import training  # noqa: F401
+
+    gc.freeze()
+    gc.enable()
 
 
 @pytest.fixture(scope="session")
