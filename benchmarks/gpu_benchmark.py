@@ -306,7 +306,7 @@ def machine() -> str:
     return f"{gpu}; torch {torch.__version__}; {os.cpu_count()} CPU cores; Python {platform.python_version()}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu_results.json"))
     parser.add_argument("--families", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
@@ -327,11 +327,12 @@ def main() -> None:
         "device time goes further: building SD 1.5 and its data takes about a minute, SDXL more); "
         "default: a temporary folder",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    command = " ".join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
 
     path_entries = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(path_entries), "HF_HUB_OFFLINE": "1"}
-    results = {"machine": machine(), "command": " ".join(sys.argv), "peak_flops": PEAK_BF16_FLOPS, "cases": []}
+    results = {"machine": machine(), "command": command, "peak_flops": PEAK_BF16_FLOPS, "cases": []}
     print(f"{results['machine']}\n{'case':<45}{'s/step':>8}{'samples/s':>10}{'MFU':>8}{'GiB':>9}", flush=True)
     with contextlib.ExitStack() as stack:
         work = Path(args.work_dir or stack.enter_context(tempfile.TemporaryDirectory()))

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from controlnet_trainer import fixtures
@@ -34,6 +35,14 @@ def script_env(**extra) -> dict:
     for name in ("ACCELERATE_CONFIG_FILE", "ACCELERATE_USE_CPU"):
         env.pop(name, None)
     return env | extra
+
+
+def use_environment(monkeypatch, env: dict[str, str]) -> None:
+    """This process's environment becomes ``env`` until the test ends."""
+    for name in set(os.environ) - set(env):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
 
 
 def free_port() -> int:
@@ -77,6 +86,38 @@ def accelerate_launch(
     """train_controlnet.py under `accelerate launch` with ``launch_flags``, to its end (see
     start_accelerate_launch)."""
     return finished(start_accelerate_launch(launch_flags, argv, engine_on_cpu=engine_on_cpu), timeout)
+
+
+# The files that take longest, slowest first: under the README's `pytest -n 2 --dist loadfile`
+# each worker takes the next file when it finishes one, so starting these first leaves no long
+# file running alone at the end. The other files keep their order.
+SLOWEST_FILES = (
+    "test_distributed.py",
+    "test_fidelity_training.py",
+    "test_deepspeed.py",
+    "test_fsdp.py",
+    "test_flux.py",
+    "test_sd3.py",
+    "test_training.py",
+    "test_faults.py",
+    "test_cache.py",
+    "test_launch.py",
+)
+
+
+def pytest_configure(config):
+    """A pytest-xdist worker shares the machine's cores with the other worker: one intra-op
+    thread for its own tensors and for the training processes it starts (with more, the
+    workers' thread barriers wait on each other). Launches of several ranks give each rank one
+    thread anyway."""
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    order = {name: position for position, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: a file's tests keep their order
 
 
 def pytest_collection_finish(session):

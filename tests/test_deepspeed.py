@@ -11,13 +11,20 @@ before any training.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch, finished, free_port, script_env, start_accelerate_launch, train_argv
+from conftest import (
+    accelerate_launch,
+    finished,
+    free_port,
+    script_env,
+    start_accelerate_launch,
+    train_argv,
+    use_environment,
+)
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
@@ -103,14 +110,6 @@ def launched_rank_env(config: Path) -> dict[str, str]:
     _, env = prepare_deepspeed_cmd_env(args)
     rank = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     return env | rank | {"MASTER_PORT": str(args.main_process_port)}
-
-
-def use_environment(monkeypatch, env: dict[str, str]) -> None:
-    """This process's environment becomes ``env`` until the test ends."""
-    for name in set(os.environ) - set(env):
-        monkeypatch.delenv(name)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
 
 
 def test_zero3_is_refused_before_training(assets, tmp_path, monkeypatch):

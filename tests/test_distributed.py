@@ -280,7 +280,7 @@ def test_two_processes_share_the_cache_build_and_train_as_without_it(assets, tmp
     assert with_cache == pytest.approx([r["loss"] for r in metrics(two_process_run["output_dir"])], rel=1e-5)
 
 
-# Rank 0 takes 8 s to load the dataset (as a first download would), then the real entry point runs.
+# Rank 0 takes 5 s to load the dataset (as a first download would), then the real entry point runs.
 SLOW_LOAD = """\
 import sys, time
 from accelerate.state import PartialState
@@ -290,7 +290,7 @@ _load = datasources.load_train_dataset
 
 def _slow(args):
     if PartialState().process_index == 0:
-        time.sleep(8)
+        time.sleep(5)
     return _load(args)
 
 datasources.load_train_dataset = _slow
@@ -302,7 +302,7 @@ cli.main()
 @pytest.fixture(scope="module")
 def dry_runs(assets, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     """Two dry runs of two processes side by side, on the fill rows with two unreadable images
-    and --skip_bad_images, where rank 0 loads the dataset 8 s late: the patient one with
+    and --skip_bad_images, where rank 0 loads the dataset 5 s late: the patient one with
     --ddp_timeout=60, the impatient one with --ddp_timeout=2."""
     import datasets
 
@@ -314,7 +314,7 @@ def dry_runs(assets, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]
     script = root / "slow.py"
     script.write_text(SLOW_LOAD)
     argv = train_argv(assets, root / "out", dataset_name=root / "data", skip_bad_images=True, dry_run=True)
-    # Both launches at once: their 8 s waits overlap.
+    # Both launches at once: their 5 s waits overlap.
     patient = start_two(script, [*argv, "--ddp_timeout=60"])
     impatient = start_two(script, [*argv, "--ddp_timeout=2"])
     return {"patient": wait_two(patient), "impatient": wait_two(impatient, check=False)}

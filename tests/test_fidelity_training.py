@@ -20,6 +20,9 @@ STEPS = 250
 HONEST_GAP = 0.0015  # the honest run's gap at STEPS exceeds this
 SHUFFLED_GAP = 0.0005  # the shuffled run's gap stays within this of zero
 SD3_STEPS = 100  # by then the honest SD3 gap is about 1.5 times the bound asserted, 7 times the shuffled one
+# The T5 prompt length of the SD3 pair: the captions take fewer tokens, and each block's attention
+# over image and text tokens costs as the square of their number.
+SD3_T5_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +73,12 @@ def trained_sd3(assets, tiny_sd3, fill_data, tmp_path_factory) -> dict[str, obje
     """The same pair on the tiny SD3: flow matching, the conditioning through the VAE. It learns
     faster than the tiny SD (no random UNet to correct first); 32 held-out samples steady the
     measure."""
-    flags = {"max_train_steps": SD3_STEPS, "validation_steps": SD3_STEPS // 2, "fidelity_samples": 32}
+    flags = {
+        "max_train_steps": SD3_STEPS,
+        "validation_steps": SD3_STEPS // 2,
+        "fidelity_samples": 32,
+        "max_sequence_length": SD3_T5_TOKENS,
+    }
     return train_side_by_side(
         tmp_path_factory.mktemp("fidelity-runs-sd3"),
         fill_data,

@@ -502,12 +502,19 @@ def test_dry_run_prints_the_flux_plan_and_leaves_nothing(flux_assets, tmp_path):
 # The control gap
 
 GAP_STEPS = 80
+GAP_T5_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
 def trained_flux(assets, tiny_flux, fill_data, tmp_path_factory) -> dict[str, Path]:  # noqa: F811
-    """The honest and the shuffled run of test_fidelity_training on the tiny Flux."""
-    flags = {"max_train_steps": GAP_STEPS, "validation_steps": GAP_STEPS // 2, "fidelity_samples": 32}
+    """The honest and the shuffled run of test_fidelity_training on the tiny Flux, with prompts of
+    GAP_T5_TOKENS (the captions' length)."""
+    flags = {
+        "max_train_steps": GAP_STEPS,
+        "validation_steps": GAP_STEPS // 2,
+        "fidelity_samples": 32,
+        "max_sequence_length": GAP_T5_TOKENS,
+    }
     return train_side_by_side(
         tmp_path_factory.mktemp("fidelity-runs-flux"),
         fill_data,

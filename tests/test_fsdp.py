@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch, train_argv
+from conftest import accelerate_launch, finished, start_accelerate_launch, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
@@ -90,12 +90,17 @@ def largest_difference(a: dict, b: dict) -> float:
 def test_fsdp_trains_saves_evaluates_and_resumes_like_a_plain_run(assets, tmp_path, version):
     config = fsdp_config(tmp_path / "fsdp.yaml", version)
     common = COMMON | {"validation_image": assets["validation"], "controlnet_model_name_or_path": assets["controlnet"]}
-    straight = tmp_path / "straight"
-    launch(train_argv(assets, straight, **common), config)
+    straight, plain = tmp_path / "straight", tmp_path / "plain"
+    started = start_accelerate_launch(
+        ["--config_file", str(config)], train_argv(assets, straight, **common), engine_on_cpu=not ON_GPU
+    )
+    try:  # one process with the same global batch trains here meanwhile
+        run(train_argv(assets, plain, **common | {"train_batch_size": COMMON["train_batch_size"] * PROCESSES}))
+    finally:
+        done = finished(started)
+    assert done.returncode == 0, done.stderr[-5000:]
     launch(train_argv(assets, tmp_path / "resumed", stop_at_step=2, **common), config)
     launch(train_argv(assets, tmp_path / "resumed", resume_from_checkpoint="latest", **common), config)
-    plain = tmp_path / "plain"  # one process with the same global batch, in this one
-    run(train_argv(assets, plain, **common | {"train_batch_size": COMMON["train_batch_size"] * PROCESSES}))
 
     final = load_file(straight / WEIGHTS)
     start = load_file(Path(assets["controlnet"]) / WEIGHTS)

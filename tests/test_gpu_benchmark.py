@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import datetime
 import json
-import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, script_env
+from conftest import ROOT, script_env, use_environment
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_benchmark import block_means, log_edges, off_the_step_clock, startup_parts
+from gpu_benchmark import block_means, log_edges, main, off_the_step_clock, startup_parts
 
 
 def test_steps_are_compared_in_the_same_blocks_whatever_the_logging_interval():
@@ -60,11 +59,11 @@ def test_time_a_run_spent_off_the_step_clock_is_what_its_parts_leave_unexplained
     assert off_the_step_clock({"process_seconds_outside_steps": 9.0}, log) == {}  # no start-up record
 
 
-def test_a_kept_work_dir_is_reused_by_the_next_run(tmp_path):
+def test_a_kept_work_dir_is_reused_by_the_next_run(tmp_path, monkeypatch):
+    """The benchmark runs here (its training cases are child processes either way)."""
     work, out, logs = tmp_path / "work", tmp_path / "results.json", tmp_path / "logs"
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "gpu_benchmark.py"),
+    use_environment(monkeypatch, script_env())  # what a command line would give it
+    argv = [
         "--tiny",
         "--families=sd15",
         "--only=b2 cached default",
@@ -75,8 +74,7 @@ def test_a_kept_work_dir_is_reused_by_the_next_run(tmp_path):
     ]
 
     def bench() -> dict:
-        done = subprocess.run(command, env=script_env(), capture_output=True, text=True, timeout=600, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
+        main(argv)
         (case,) = json.loads(out.read_text())["cases"]
         assert "error" not in case, case.get("error")
         return case
