@@ -443,7 +443,7 @@ def machine_logs(launchers: list[subprocess.Popen]) -> list[str]:
 
 def test_each_machine_builds_its_copy_of_the_embeddings_cache(assets, tmp_path):
     """The cache's default folder is under HF_HOME, on each machine's own disk: each machine's
-    processes build its copy (before, the second machine's ranks found no cache and failed).
+    processes build its copy, or the second machine's ranks would find no cache and fail.
     On a shared disk both machines build at once, the first copy finished is kept, and the
     other machine's build folder is removed. Both runs train the same weights."""
     common = {"train_batch_size": 2, "max_train_steps": 3, "cache_latents": True, "cache_text_embeddings": True}

@@ -298,8 +298,8 @@ def test_xformers_without_xformers_or_cuda_is_a_clear_error(assets, tmp_path):
 
 
 def test_fp16_on_cpu_is_refused_before_any_model_loads(assets, tmp_path, monkeypatch):
-    # Accelerate drops fp16 autocast on the CPU silently; the first step then failed on mixed
-    # dtypes, after the models had loaded and the cache had been built.
+    # Accelerate drops fp16 autocast on the CPU silently; unchecked, the first step fails on
+    # mixed dtypes, after the models have loaded and the cache has been built.
     from controlnet_trainer import training
 
     monkeypatch.setattr(training, "load_models", lambda *_: pytest.fail("models loaded before the check"))
