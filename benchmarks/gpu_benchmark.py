@@ -327,8 +327,9 @@ def main(argv: list[str] | None = None) -> None:
         "device time goes further: building SD 1.5 and its data takes about a minute, SDXL more); "
         "default: a temporary folder",
     )
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    command = " ".join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join([str(Path(__file__).relative_to(ROOT)), *argv])
 
     path_entries = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(path_entries), "HF_HUB_OFFLINE": "1"}

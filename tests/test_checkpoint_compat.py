@@ -24,7 +24,8 @@ from controlnet_trainer.cli import run
 DATA = Path(__file__).with_name("data") / "checkpoint_310fcad"
 # The session fixture's fill dataset, as its 24 decoded rows (pixels and captions), at 310fcad.
 FILL_ROWS_SHA256 = "17662c4f1c30821bd09cd5c9094f2981dc2ef86c75d74cea2b2f4fb946fef4fd"
-RECORDED_THREADS = 2  # torch's intra-op threads in the run that wrote the stored files
+# torch's intra-op threads in the run that wrote the stored files: they decide how float sums split.
+RECORDED_THREADS = 2
 
 
 def command(dataset: Path, output_dir: Path) -> list[str]:
@@ -73,7 +74,6 @@ def test_a_checkpoint_of_310fcad_resumes_to_its_uninterrupted_end(assets, tmp_pa
     output_dir = tmp_path / "out"
     shutil.copytree(DATA / "checkpoint-2", output_dir / "checkpoint-2")
 
-    # The run that wrote it used two intra-op threads, which decide how float sums are split.
     threads = torch.get_num_threads()
     torch.set_num_threads(RECORDED_THREADS)
     try:

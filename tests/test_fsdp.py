@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch, finished, start_accelerate_launch, train_argv
+from conftest import finished, start_accelerate_launch, train_argv
 from safetensors.torch import load_file
 
 from controlnet_trainer.cli import run
@@ -72,9 +72,14 @@ def fsdp_config(path: Path, version: int, mixed_precision: str = "'no'") -> Path
     return path
 
 
+def start_launch(argv: list[str], config: Path) -> subprocess.Popen:
+    """The training script under accelerate as ``config`` says (on CPU through the gate lift), started."""
+    return start_accelerate_launch(["--config_file", str(config)], argv, engine_on_cpu=not ON_GPU)
+
+
 def launch(argv: list[str], config: Path, *, succeed: bool = True) -> subprocess.CompletedProcess:
-    """The training script under accelerate as ``config`` says (on CPU through the gate lift)."""
-    done = accelerate_launch(["--config_file", str(config)], argv, engine_on_cpu=not ON_GPU)
+    """The training script under accelerate as ``config`` says, to its end."""
+    done = finished(start_launch(argv, config))
     if succeed:
         assert done.returncode == 0, done.stderr[-5000:]
     return done
@@ -91,9 +96,7 @@ def test_fsdp_trains_saves_evaluates_and_resumes_like_a_plain_run(assets, tmp_pa
     config = fsdp_config(tmp_path / "fsdp.yaml", version)
     common = COMMON | {"validation_image": assets["validation"], "controlnet_model_name_or_path": assets["controlnet"]}
     straight, plain = tmp_path / "straight", tmp_path / "plain"
-    started = start_accelerate_launch(
-        ["--config_file", str(config)], train_argv(assets, straight, **common), engine_on_cpu=not ON_GPU
-    )
+    started = start_launch(train_argv(assets, straight, **common), config)
     try:  # one process with the same global batch trains here meanwhile
         run(train_argv(assets, plain, **common | {"train_batch_size": COMMON["train_batch_size"] * PROCESSES}))
     finally:
